@@ -1,0 +1,37 @@
+# Everything runs inside .venv, created on first use. torch is pinned to the CPU build on disk here;
+# see pyproject.toml for why the package itself only sets a lower bound.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+TORCH   := torch==2.13.0
+
+.PHONY: demo test test-slow lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m sana demo --out out/demo
+
+lint: $(STAMP)
+	$(PY) -m ruff check sana tests benchmarks
+	$(PY) -m ruff format --check sana tests benchmarks
+
+format: $(STAMP)
+	$(PY) -m ruff format sana tests benchmarks
+	$(PY) -m ruff check --fix sana tests benchmarks
+
+test: lint
+	$(PY) -m pytest
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_models.py
+
+clean:
+	rm -rf .venv out .pytest_cache .ruff_cache

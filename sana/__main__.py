@@ -1,0 +1,3 @@
+from sana.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""Strict config dataclasses: every component config is a frozen dataclass whose field names are the keys of
+the published `config.json`, so a checkpoint folder's config maps onto it one to one.
+
+Unknown keys are an error that names them (a typo in a run file must not be silently ignored); list values
+become tuples so configs stay hashable and immutable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# Bookkeeping keys that diffusers/transformers write into config.json; they describe the file, not the model.
+_META_PREFIX = "_"
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a valid model (unknown field, bad value)."""
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any], *, source: str = "") -> T:
+    """Build the dataclass `cls` from `data`, rejecting unknown keys. Keys starting with '_' are metadata."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in data if k not in names and not k.startswith(_META_PREFIX))
+    where = f" in {source}" if source else ""
+    if unknown:
+        raise ConfigError(f"unknown field(s) for {cls.__name__}{where}: {', '.join(unknown)}")
+    try:
+        return cls(**{k: _freeze(v) for k, v in data.items() if k in names})
+    except TypeError as e:  # e.g. a required field is missing
+        raise ConfigError(f"invalid {cls.__name__}{where}: {e}") from None
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return {f.name: _thaw(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def read_config(cls: type[T], path: str | Path) -> T:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"missing config file: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return config_from_dict(cls, data, source=str(path))
