@@ -35,6 +35,16 @@ QK_NORMS = (None, "rms_norm_across_heads")
 
 
 @dataclass(frozen=True)
+class AttentionPerturbation:
+    """Replace self-attention by the identity map (out = to_out(to_v(x))) in `blocks`, for the batch rows
+    where `rows` is True. This is the perturbed branch of perturbed-attention guidance (Ahn et al. 2024);
+    the guidance arithmetic itself lives in the samplers' guidance wrappers, not here."""
+
+    blocks: frozenset[int]
+    rows: torch.Tensor  # (B,) bool
+
+
+@dataclass(frozen=True)
 class DiTConfig:
     """Field names and defaults are those of the published transformer/config.json (the defaults are the
     1600M widths, as in diffusers; always pass a full config or use a preset)."""
@@ -139,12 +149,14 @@ class LinearSelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps=1e-5) if qk_norm else None
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(dropout)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, identity_rows: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)  # (B, N, C) each
         if self.norm_q is not None:
             q, k = self.norm_q(q), self.norm_k(k)
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, h, N, d)
-        out = relu_linear_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, N, C)
+        heads = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, h, N, d) each
+        out = relu_linear_attention(*heads).transpose(1, 2).flatten(2)  # (B, N, C)
+        if identity_rows is not None:  # perturbed rows see only their own values
+            out = torch.where(identity_rows[:, None, None], v, out)
         out = self.to_out[1](self.to_out[0](out))
         if out.dtype == torch.float16:
             # fp16 overflow in one token would poison the residual stream; saturate instead.
@@ -225,10 +237,11 @@ class SanaBlock(nn.Module):
         bias: torch.Tensor,  # (B, 1, 1, L)
         t6: torch.Tensor,  # (B, 6C)
         hw: tuple[int, int],
+        identity_rows: torch.Tensor | None = None,  # (B,) bool: perturbed-attention rows
     ) -> torch.Tensor:
         mod = self.scale_shift_table[None] + t6.unflatten(1, (6, -1))  # (B, 6, C)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unsqueeze(2).unbind(1)  # (B, 1, C) each
-        x = x + gate1 * self.attn1(self.norm1(x) * (1 + scale1) + shift1)
+        x = x + gate1 * self.attn1(self.norm1(x) * (1 + scale1) + shift1, identity_rows)
         x = x + self.attn2(x, context, bias)
         return x + gate2 * self.ff(self.norm2(x) * (1 + scale2) + shift2, hw)
 
@@ -381,7 +394,12 @@ class SanaDiT(nn.Module):
             raise ValueError(f"batch mismatch: latent {x.shape[0]}, text {len(text)}, timesteps {tuple(t.shape)}")
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings, guidance: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: TextEmbeddings,
+        guidance: torch.Tensor | None = None,
+        perturbation: AttentionPerturbation | None = None,
     ) -> torch.Tensor:
         self.check_inputs(x, t, text)
         b, _, height, width = x.shape
@@ -395,11 +413,12 @@ class SanaDiT(nn.Module):
         context = self.caption_norm(self.caption_projection(text.hidden.to(dtype)))  # (B, L, C)
         bias = mask_to_bias(text.mask, dtype)  # (B, 1, 1, L)
 
-        for block in self.transformer_blocks:
+        for i, block in enumerate(self.transformer_blocks):
+            rows = perturbation.rows if perturbation is not None and i in perturbation.blocks else None
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, context, bias, t6, hw, use_reentrant=False)
+                tokens = checkpoint(block, tokens, context, bias, t6, hw, rows, use_reentrant=False)
             else:
-                tokens = block(tokens, context, bias, t6, hw)
+                tokens = block(tokens, context, bias, t6, hw, rows)
 
         shift, scale = (self.scale_shift_table[None] + emb[:, None]).unsqueeze(2).unbind(1)  # (B, 1, C) each
         tokens = self.proj_out(self.norm_out.norm(tokens) * (1 + scale) + shift)  # (B, N, p*p*C_out)

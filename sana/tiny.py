@@ -1,9 +1,10 @@
-"""Tiny, offline stand-ins for the Gemma-2 text path: a Gemma-style BPE tokenizer and a random Gemma2Model.
+"""A tiny random-weight Sana, built in code: the same architecture at toy widths, nothing downloaded.
 
-Both are built in code (nothing is downloaded), deterministically and in well under a second, and both are the
-real transformers classes, so `save_pretrained` / `AutoTokenizer.from_pretrained` / `AutoModel.from_pretrained`
-and a diffusers `SanaPipeline(tokenizer=..., text_encoder=...)` accept them. A DiT built to consume these
-embeddings needs `caption_channels = TINY_TEXT_HIDDEN`.
+Used by the tests (fixtures that also feed diffusers' SanaPipeline, the oracle) and by `sana demo` to show
+the whole path working offline. The text side is a Gemma-style BPE tokenizer and a random Gemma2Model,
+both real transformers classes, so `save_pretrained` / `AutoTokenizer.from_pretrained` /
+`AutoModel.from_pretrained` accept them. A DiT built to consume these embeddings needs
+`caption_channels = TINY_TEXT_HIDDEN`. Construction is seeded without touching the global RNG.
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ def tiny_gemma_config(vocab_size: int, hidden_size: int = TINY_TEXT_HIDDEN) -> G
 
 def tiny_gemma(vocab_size: int, *, seed: int = 0, hidden_size: int = TINY_TEXT_HIDDEN) -> Gemma2Model:
     """A random 2-layer Gemma2Model in eval mode, identical for identical arguments."""
-    torch.manual_seed(seed)
-    return Gemma2Model(tiny_gemma_config(vocab_size, hidden_size)).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Gemma2Model(tiny_gemma_config(vocab_size, hidden_size)).eval()
 
 
 def tiny_text_components(seed: int = 0) -> tuple[GemmaTokenizer, Gemma2Model]:
@@ -96,3 +98,40 @@ def save_tiny_text(root: str | Path, seed: int = 0) -> tuple[Path, Path]:
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(tokenizer_dir)
     return model_dir, tokenizer_dir
+
+
+def tiny_components(seed: int = 0, *, sample_size: int = 16):
+    """Random tiny SanaComponents: DiT (2 blocks, width 16), DC-AE (4x compression), Gemma (width 32).
+
+    `sample_size` is the DiT's native latent side; 16 or 32 select the published 512/1024 aspect-ratio tables
+    (as in diffusers), so the tiny model bins sizes like the real ones.
+    """
+    import dataclasses
+
+    from sana.models.dcae import DCAE, DCAE_PRESETS
+    from sana.models.dit import DIT_PRESETS, SanaDiT
+    from sana.models.text_encoder import TextEncoder
+    from sana.pretrained import SanaComponents, SchedulerSpec
+
+    vae_config = DCAE_PRESETS["tiny"]
+    dit_config = dataclasses.replace(
+        DIT_PRESETS["tiny"],
+        in_channels=vae_config.latent_channels,
+        out_channels=vae_config.latent_channels,
+        caption_channels=TINY_TEXT_HIDDEN,
+        sample_size=sample_size,
+    )
+    tokenizer, gemma = tiny_text_components(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer, vae = SanaDiT(dit_config), DCAE(vae_config)
+        transformer.init_weights()
+        with torch.no_grad():  # init_weights zeroes the output path; a random demo model should draw something
+            for p in transformer.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    return SanaComponents(
+        transformer=transformer.eval(),
+        vae=vae.eval(),
+        text_encoder=TextEncoder(gemma, tokenizer),
+        scheduler=SchedulerSpec(),
+    )

@@ -1,0 +1,43 @@
+"""`sana convert CKPT.pth OUT`: an original NVlabs checkpoint -> a diffusers-layout folder."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="original .pth file (read with weights_only=True)")
+    p.add_argument("output", help="folder to write (transformer/ and scheduler/, plus the rest with --base)")
+    p.add_argument("--image-size", type=int, default=1024, help="resolution the checkpoint was trained at")
+    p.add_argument("--preset", help="use this DiT preset instead of inferring the config from the weights")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the saved weights")
+    p.add_argument(
+        "--base",
+        help="a Sana model folder or Hub id to take vae/, text_encoder/ and tokenizer/ from (complete folder)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from sana.convert import convert_checkpoint, flow_shift_for
+    from sana.pretrained import SchedulerSpec, resolve_model_dir
+    from sana.weights import parse_dtype, read_json, save_model, write_json
+
+    out = Path(args.output)
+    base = resolve_model_dir(args.base) if args.base else None  # fail on a bad --base before the heavy part
+    model = convert_checkpoint(args.checkpoint, image_size=args.image_size, preset=args.preset)
+    save_model(model, out / "transformer", dtype=parse_dtype(args.dtype))
+    spec = SchedulerSpec(sampler="dpm", flow_shift=flow_shift_for(args.image_size))
+    write_json(out / "scheduler" / "scheduler_config.json", spec.to_dict())
+    if base is not None:
+        for part in ("vae", "text_encoder", "tokenizer"):
+            shutil.copytree(base / part, out / part, dirs_exist_ok=True)
+        index = read_json(base / "model_index.json")
+        index["transformer"] = ["diffusers", "SanaTransformer2DModel"]
+        index["scheduler"] = ["diffusers", "DPMSolverMultistepScheduler"]
+        write_json(out / "model_index.json", index)
+        print(f"wrote a complete model folder to {out}")
+    else:
+        print(f"wrote {out}/transformer and {out}/scheduler; add vae/, text_encoder/, tokenizer/ (or use --base)")
+    return 0

@@ -1,0 +1,122 @@
+"""`sana generate PROMPT [PROMPT ...]`: text to PNG files, with the parameters stored in each PNG."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help='text prompts ("" generates unconditionally)')
+    p.add_argument("--prompts-file", help="a text file with one prompt per line (added after PROMPTs)")
+    p.add_argument("--model", help="model folder or Hub id (default: the model shipped with the package)")
+    p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed+i (default: random)")
+    p.add_argument("--images-per-prompt", type=int, default=1, help="images for each prompt")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale (<= 1: off)")
+    p.add_argument("--sampler", choices=["dpm", "euler", "scm"], help="default: the model folder's scheduler")
+    p.add_argument("--height", type=int, help="image height, a multiple of 32 (default: the model's native size)")
+    p.add_argument("--width", type=int, help="image width, a multiple of 32 (default: the model's native size)")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (used with guidance > 1)")
+    p.add_argument(
+        "--no-chi", action="store_true", help="do not prefix prompts with the complex human instruction"
+    )
+    p.add_argument("--chi-file", help="use this file's exact contents as the complex human instruction")
+    p.add_argument("--no-binning", action="store_true", help="sample at the exact size, not the nearest bucket")
+    p.add_argument("--pag-scale", type=float, default=0.0, help="perturbed-attention guidance scale (0: off)")
+    p.add_argument("--pag-layers", type=int, nargs="+", default=[0], help="blocks perturbed by PAG")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute dtype")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
+    p.add_argument("--low-memory", action="store_true", help="keep the text encoder on the CPU between prompts")
+    p.add_argument("--output", "-o", default="outputs", help="a file for one image, else a folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        lines = Path(args.prompts_file).read_text().splitlines()
+        prompts += [line for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt given (pass PROMPT arguments or --prompts-file)")
+    return prompts
+
+
+def output_paths(output: str, prompts: list[str], per_prompt: int, seeds: list[int]) -> list[Path]:
+    """Where each image goes; checks the location is writable before any model work."""
+    out = Path(output)
+    n = len(prompts) * per_prompt
+    if n == 1 and out.suffix.lower() in IMAGE_SUFFIXES:
+        paths, folder = [out], out.parent
+    else:
+        if out.suffix.lower() in IMAGE_SUFFIXES:
+            raise ValueError(f"{n} images need a folder for --output, got the file name {out}")
+        folder = out
+        paths = []
+        for i in range(n):
+            slug = re.sub(r"[^a-z0-9]+", "-", prompts[i // per_prompt].lower()).strip("-")[:40] or "empty"
+            paths.append(out / f"{i:03d}-{slug}-{seeds[i]}.png")
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ValueError(f"cannot write to {folder}")
+    return paths
+
+
+def run(args: argparse.Namespace) -> int:
+    prompts = read_prompts(args)
+    n = len(prompts) * args.images_per_prompt
+    first = args.seed if args.seed is not None else random.randrange(2**31)
+    seeds = [first + i for i in range(n)]
+    paths = output_paths(args.output, prompts, args.images_per_prompt, seeds)
+
+    from sana.images import save_image
+    from sana.models.text_encoder import DEFAULT_INSTRUCTION, load_instruction
+    from sana.pipeline import SanaPipeline, check_settings
+    from sana.pretrained import default_model
+
+    instruction = (
+        None if args.no_chi else load_instruction(args.chi_file) if args.chi_file else DEFAULT_INSTRUCTION
+    )
+    # Cheap checks first: a bad setting must not cost a model load.
+    check_settings(
+        height=args.height or 32,
+        width=args.width or 32,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        sampler=args.sampler or "dpm",
+        pag_scale=args.pag_scale,
+        pag_layers=[],
+        images_per_prompt=args.images_per_prompt,
+        num_layers=1,
+    )
+    pipe = SanaPipeline.from_pretrained(
+        args.model or default_model(),
+        dtype=args.dtype,
+        device=args.device,
+        instruction=instruction,
+        offload_text_encoder=args.low_memory,
+    )
+    images = pipe(
+        prompts,
+        negative_prompt=args.negative_prompt,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        sampler=args.sampler,
+        seed=seeds,
+        images_per_prompt=args.images_per_prompt,
+        use_resolution_binning=not args.no_binning,
+        pag_scale=args.pag_scale,
+        pag_layers=args.pag_layers,
+        progress=not args.quiet,
+    )
+    for image, path in zip(images, paths, strict=True):
+        save_image(image, path)
+        print(path)
+    return 0

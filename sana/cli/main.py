@@ -1,0 +1,45 @@
+"""`sana` entry point: a table of subcommands, each a thin module that parses and calls the library.
+
+Command modules import nothing heavy at module level, so `sana --help` is instant; torch and the models
+load when a command runs. Expected failures (bad input, bad files) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "generate": ("sana.cli.generate", "generate images from text prompts"),
+    "convert": ("sana.cli.convert", "convert an original NVlabs .pth checkpoint to the diffusers layout"),
+    "demo": ("sana.cli.demo", "generate a first image offline (the main job of `make demo`)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sana", description="Sana text-to-image: run, convert, train, serve.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
+        importlib.import_module(module).add_arguments(cmd)
+        cmd.set_defaults(module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from sana.config import ConfigError
+    from sana.weights import CheckpointError
+
+    try:
+        return importlib.import_module(args.module).run(args) or 0
+    except (ValueError, ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        print(f"sana {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,228 @@
+"""A whole Sana model folder in the diffusers layout, read and written.
+
+    model_index.json
+    transformer/  config.json + diffusion_pytorch_model.safetensors   (SanaDiT)
+    vae/          config.json + diffusion_pytorch_model.safetensors   (DCAE)
+    text_encoder/ a transformers Gemma-2 decoder folder
+    tokenizer/    a transformers tokenizer folder
+    scheduler/    scheduler_config.json                              (which sampler, which time shift)
+
+The same folder loads in diffusers' `SanaPipeline.from_pretrained` (tested), and a folder diffusers wrote
+loads here. A Hub id is fetched with huggingface_hub where a network exists; everything else is local.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sana.config import ConfigError
+from sana.models.dcae import DCAE
+from sana.models.dit import SanaDiT
+from sana.models.text_encoder import DEFAULT_INSTRUCTION, TextEncoder
+from sana.weights import CheckpointError, load_model, parse_dtype, read_json, save_model, write_json
+
+# The scheduler config of the published Sana 1.0 folders (DPM-Solver++ 2M on flow sigmas).
+_DPM_SCHEDULER = {
+    "_class_name": "DPMSolverMultistepScheduler",
+    "algorithm_type": "dpmsolver++",
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "dynamic_thresholding_ratio": 0.995,
+    "euler_at_final": False,
+    "final_sigmas_type": "zero",
+    "flow_shift": 3.0,
+    "lambda_min_clipped": "-Infinity",
+    "lower_order_final": True,
+    "num_train_timesteps": 1000,
+    "prediction_type": "flow_prediction",
+    "rescale_betas_zero_snr": False,
+    "sample_max_value": 1.0,
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "steps_offset": 0,
+    "thresholding": False,
+    "timestep_spacing": "linspace",
+    "trained_betas": None,
+    "use_beta_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_flow_sigmas": True,
+    "use_karras_sigmas": False,
+    "use_lu_lambdas": False,
+    "variance_type": None,
+}
+_SAMPLER_BY_CLASS = {
+    "DPMSolverMultistepScheduler": "dpm",
+    "FlowMatchEulerDiscreteScheduler": "euler",
+    "SCMScheduler": "scm",
+}
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """What a model folder says about sampling: the default sampler and the flow time shift."""
+
+    sampler: str = "dpm"  # "dpm" | "euler" | "scm"
+    flow_shift: float = 3.0
+    sigma_data: float = 0.5  # SCM (Sprint) only
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "scheduler config") -> SchedulerSpec:
+        name = data.get("_class_name")
+        if name not in _SAMPLER_BY_CLASS:
+            raise ConfigError(
+                f"{source}: unsupported scheduler {name!r}; expected one of {list(_SAMPLER_BY_CLASS)}"
+            )
+        sampler = _SAMPLER_BY_CLASS[name]
+        if sampler == "dpm" and not data.get("use_flow_sigmas", False):
+            raise ConfigError(f"{source}: DPMSolverMultistepScheduler without use_flow_sigmas is not a flow model")
+        shift = data.get("flow_shift") if sampler == "dpm" else data.get("shift", 1.0)
+        return cls(sampler=sampler, flow_shift=float(shift or 1.0), sigma_data=float(data.get("sigma_data", 0.5)))
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.sampler == "dpm":
+            return {**_DPM_SCHEDULER, "flow_shift": self.flow_shift}
+        if self.sampler == "euler":
+            return {
+                "_class_name": "FlowMatchEulerDiscreteScheduler",
+                "num_train_timesteps": 1000,
+                "shift": self.flow_shift,
+            }
+        return {
+            "_class_name": "SCMScheduler",
+            "num_train_timesteps": 1000,
+            "prediction_type": "trigflow",
+            "sigma_data": self.sigma_data,
+        }
+
+
+@dataclass
+class SanaComponents:
+    """The loaded parts of a Sana model folder; any part may be absent when it was not asked for."""
+
+    transformer: SanaDiT | None = None
+    vae: DCAE | None = None
+    text_encoder: TextEncoder | None = None
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+
+
+PARTS = ("transformer", "vae", "text_encoder")
+
+# Where the package's own small model lives once it is trained and shipped (see the README).
+SHIPPED_MODEL_DIR = Path(__file__).parent / "assets" / "shapes-model"
+
+
+def shipped_model() -> Path | None:
+    """The model folder shipped inside the package, or None if this build has none."""
+    return SHIPPED_MODEL_DIR if (SHIPPED_MODEL_DIR / "model_index.json").is_file() else None
+
+
+def default_model() -> Path:
+    """The model used when none is named: the shipped one, or a one-line error saying how to get one."""
+    model = shipped_model()
+    if model is None:
+        raise ValueError(
+            "no --model given and this build ships no model yet: pass --model with a Sana model folder "
+            "(diffusers layout, e.g. one written by `sana demo` or `sana convert`) or a Hub id such as "
+            "Efficient-Large-Model/Sana_600M_1024px_diffusers"
+        )
+    return model
+
+
+def resolve_model_dir(path_or_id: str | Path) -> Path:
+    """A local folder as is; otherwise an "org/name" Hub id, downloaded (cached) by huggingface_hub."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_id)
+    is_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists()
+    if not is_hub_id:
+        raise CheckpointError(f"no such model folder: {path_or_id}")
+    from huggingface_hub import snapshot_download  # only when a Hub id is actually used
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{text} is not a local folder and could not be fetched from the Hub: {first}"
+        ) from None
+
+
+def load_components(
+    path_or_id: str | Path,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    parts: tuple[str, ...] = PARTS,
+    instruction: str | None = DEFAULT_INSTRUCTION,
+) -> SanaComponents:
+    """Load the requested parts of a model folder (local path or Hub id) in `dtype` on `device`."""
+    bad = sorted(set(parts) - set(PARTS))
+    if bad:
+        raise ValueError(f"unknown part(s) {bad}; choose from {PARTS}")
+    root = resolve_model_dir(path_or_id)
+    dtype = parse_dtype(dtype)
+    index = read_json(root / "model_index.json")
+    for part in parts:
+        if part not in index:
+            raise CheckpointError(f"{root}/model_index.json lists no {part}")
+    out = SanaComponents(scheduler=_read_scheduler(root))
+    if "transformer" in parts:
+        out.transformer = load_model(SanaDiT, root / "transformer", dtype=dtype, device=device)
+    if "vae" in parts:
+        out.vae = load_model(DCAE, root / "vae", dtype=dtype, device=device)
+    if "text_encoder" in parts:
+        out.text_encoder = TextEncoder.from_pretrained(
+            root / "text_encoder", root / "tokenizer", dtype=dtype, device=device, instruction=instruction
+        )
+    return out
+
+
+def _read_scheduler(root: Path) -> SchedulerSpec:
+    path = root / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return SchedulerSpec()
+    return SchedulerSpec.from_dict(read_json(path), source=str(path))
+
+
+def save_components(components: SanaComponents, folder: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+    """Write a complete diffusers-layout folder. Each file is replaced atomically."""
+    missing = [p for p in PARTS if getattr(components, p) is None]
+    if missing:
+        raise ValueError(f"cannot save a model folder without: {', '.join(missing)}")
+    folder = Path(folder)
+    save_model(components.transformer, folder / "transformer", dtype=dtype)
+    save_model(components.vae, folder / "vae", dtype=dtype)
+    save_text_encoder(components.text_encoder, folder)
+    write_json(folder / "scheduler" / "scheduler_config.json", components.scheduler.to_dict())
+    write_json(folder / "model_index.json", model_index(components))
+    return folder
+
+
+def save_text_encoder(text_encoder: TextEncoder, folder: Path) -> None:
+    # transformers writes its own files; write into fresh folders so no stale shard from an older save survives.
+    for sub, obj in (("text_encoder", text_encoder.model), ("tokenizer", text_encoder.tokenizer)):
+        tmp = folder / f".{sub}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        obj.save_pretrained(tmp)
+        shutil.rmtree(folder / sub, ignore_errors=True)
+        tmp.rename(folder / sub)
+
+
+def model_index(components: SanaComponents) -> dict[str, Any]:
+    scheduler = components.scheduler.to_dict()["_class_name"]
+    return {
+        "_class_name": "SanaSprintPipeline" if components.scheduler.sampler == "scm" else "SanaPipeline",
+        "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", scheduler],
+        "text_encoder": ["transformers", type(components.text_encoder.model).__name__],
+        "tokenizer": ["transformers", type(components.text_encoder.tokenizer).__name__],
+        "transformer": ["diffusers", components.transformer.diffusers_class_name],
+        "vae": ["diffusers", components.vae.diffusers_class_name],
+    }

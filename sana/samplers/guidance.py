@@ -1,0 +1,62 @@
+"""Guidance as a wrapper: turns a model evaluated on several conditioning branches into one VelocityFn.
+
+The caller binds the conditioning (text embeddings, masks, any attention hook) into `model_fn`, which
+evaluates all branches in one call on the batch stacked branch by branch: model_fn(cat([x] * n), cat([t] * n))
+returns cat([out_0, ..., out_{n-1}]), each of x's batch size. The wrapper duplicates x and t, splits the
+output and combines the branches. Samplers only ever see the resulting VelocityFn, never text.
+
+Classifier-free guidance (Ho & Salimans, 2022) uses the branch order [uncond, cond], as the reference
+pipeline does, and returns uncond + scale (cond - uncond). The reference only runs guidance for scale > 1:
+for scale <= 1 it evaluates the conditional branch alone, at half the cost, so a pipeline matching it uses
+its conditional velocity function directly instead of this wrapper (see `uses_guidance`).
+
+Further guidance kinds reuse `batched_guidance` with their own branch count and combination; perturbed-
+attention guidance, for example, adds a third branch whose model call skips self-attention and combines
+uncond + s (cond - uncond) + s_pag (cond - perturbed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from sana.types import VelocityFn
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x stacked over branches, t) -> output
+
+
+def uses_guidance(scale: float) -> bool:
+    """The reference's rule: classifier-free guidance runs (and doubles the batch) only for scale > 1."""
+    return scale > 1.0
+
+
+def batched_guidance(model_fn: ModelFn, branches: int, combine: Callable[..., torch.Tensor]) -> VelocityFn:
+    """A VelocityFn that evaluates `branches` conditionings in one model call and returns combine(*outputs).
+
+    Outputs are upcast to at least float32 before combining (guidance differences are small; combining
+    them in half precision loses them).
+    """
+    if branches < 1:
+        raise ValueError(f"branches must be >= 1, got {branches}")
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = model_fn(torch.cat([x] * branches), torch.cat([t] * branches))  # (branches*B, ...)
+        out = out.to(torch.promote_types(out.dtype, torch.float32))
+        return combine(*out.chunk(branches))  # each (B, ...)
+
+    return velocity
+
+
+def classifier_free_guidance(model_fn: ModelFn, scale: float) -> VelocityFn:
+    """uncond + scale (cond - uncond), with model_fn evaluating the stacked batch [uncond; cond].
+
+    At scale == 1 the conditional output is returned as is (no rounding through the formula).
+    """
+
+    def combine(uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if scale == 1:
+            return cond
+        return uncond + scale * (cond - uncond)
+
+    return batched_guidance(model_fn, 2, combine)
