@@ -300,8 +300,8 @@ class SanaPipeline:
         if output_type not in ("pil", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
         settings = check_settings(
-            height=height or self.default_size,
-            width=width or self.default_size,
+            height=self.default_size if height is None else height,
+            width=self.default_size if width is None else width,
             steps=steps,
             guidance_scale=guidance_scale,
             sampler=sampler or self.scheduler.sampler,

@@ -37,7 +37,7 @@ _DPM_SCHEDULER = {
     "euler_at_final": False,
     "final_sigmas_type": "zero",
     "flow_shift": 3.0,
-    "lambda_min_clipped": "-Infinity",
+    "lambda_min_clipped": float("-inf"),  # written as -Infinity, as diffusers writes it
     "lower_order_final": True,
     "num_train_timesteps": 1000,
     "prediction_type": "flow_prediction",

@@ -218,7 +218,9 @@ def _make_act(name: str) -> nn.Module:
     return nn.GELU()  # exact erf form, as in the reference
 
 
-def _make_block(kind: str, channels: int, config: DCAEConfig, norm: str, act: str, kernels: tuple[int, ...]):
+def _make_block(
+    kind: str, channels: int, config: DCAEConfig, norm: str, act: str, kernels: tuple[int, ...]
+) -> nn.Module:
     if kind == "ResBlock":
         return ResBlock(channels, norm, act)
     return EfficientViTBlock(channels, config.attention_head_dim, norm, kernels)
@@ -288,9 +290,8 @@ class MultiscaleLinearAttention(nn.Module):
         # split by input columns, sums their projections. Same result as concatenating the scales first.
         out = None
         for qkv_s, w_out in zip(scales, self.to_out.weight.split(c, dim=1), strict=True):
-            heads = (
-                qkv_s.movedim(1, -1).reshape(b, h * w, -1, 3 * self.head_dim).transpose(1, 2)
-            )  # (B, C/d, N, 3d)
+            heads = qkv_s.movedim(1, -1).reshape(b, h * w, -1, 3 * self.head_dim)  # (B, N, C/d, 3d)
+            heads = heads.transpose(1, 2)  # (B, C/d, N, 3d)
             q, k, v = heads.chunk(3, dim=-1)  # each (B, C/d, N, d)
             o = relu_linear_attention(q, k, v)  # (B, C/d, N, d); quadratic form when N <= d, fp32 sums
             o = o.transpose(1, 2).reshape(b * h * w, c)  # (B*N, C), channel = head * d + j

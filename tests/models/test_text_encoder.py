@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from sana.models.text_encoder import DEFAULT_INSTRUCTION, TextEncoder, load_instruction
-from sana.types import TextEmbeddings
 from sana.tiny import TINY_TEXT_HIDDEN, save_tiny_text, tiny_text_components, tiny_tokenizer
+from sana.types import TextEmbeddings
 
 ML = 16  # a short token budget keeps the tests fast; the published value (300) is tested once
 
