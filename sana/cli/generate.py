@@ -84,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
     )
     # Cheap checks first: a bad setting must not cost a model load.
     check_settings(
-        height=args.height or 32,
-        width=args.width or 32,
+        height=32 if args.height is None else args.height,
+        width=32 if args.width is None else args.width,
         steps=args.steps,
         guidance_scale=args.guidance,
         sampler=args.sampler or "dpm",
