@@ -17,12 +17,12 @@ demo: $(STAMP)
 	$(PY) -m sana demo --out out/demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check sana tests benchmarks
-	$(PY) -m ruff format --check sana tests benchmarks
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 format: $(STAMP)
-	$(PY) -m ruff format sana tests benchmarks
-	$(PY) -m ruff check --fix sana tests benchmarks
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
 
 test: lint
 	$(PY) -m pytest
