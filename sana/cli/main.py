@@ -14,6 +14,8 @@ COMMANDS = {
     "generate": ("sana.cli.generate", "generate images from text prompts"),
     "convert": ("sana.cli.convert", "convert an original NVlabs .pth checkpoint to the diffusers layout"),
     "demo": ("sana.cli.demo", "generate a first image offline (the main job of `make demo`)"),
+    "cache": ("sana.cli.cache", "precompute DC-AE latents and caption embeddings of a training set"),
+    "captions": ("sana.cli.captions", "caption tools: `captions score` fills CLIP scores into a manifest"),
 }
 
 

@@ -1,0 +1,360 @@
+"""`sana cache`: DC-AE latents and text embeddings computed once, so training skips both encoders.
+
+Layout of a cache folder:
+
+    index.json                 what is where (written last: a folder without it is unfinished)
+    null_text.safetensors      "hidden" (1, L, C), "mask" (1, L) int64: the empty prompt, unconditional
+                               path (`TextEncoder.encode_unconditional([""])`), for caption dropout
+    shard-00000.safetensors    per sample j of the shard: "j.latent" (C_lat, h, w) normalised latent of the
+    shard-00001.safetensors    image at its bucket size; "j.text_hidden" (n, l, C) and "j.text_mask" (n, l)
+    ...                        uint8 for *every* candidate caption (so CLIP-score selection still happens at
+                               training time), cut after the last position any caption attends to (l <= L)
+
+Samples are the raw source's, in key order, cut into shards of `shard_size`; each shard is written
+atomically (a temporary file renamed into place) and records in its metadata the settings it was made with
+and the keys it was planned for. A re-run reuses every shard whose settings and keys match and writes the
+rest, so an interrupted run resumes where it stopped and never leaves a half-written shard behind. Images
+that cannot be decoded are left out (counted, logged and listed in index.json). One writer per folder.
+
+Reading (`DataConfig(kind="cache")`) yields batches
+`{"latents": (B, C, h, w), "text_hidden": (B, L, C), "text_mask": (B, L) int64, "keys": [...]}`; positions the
+caption does not attend to are zeros in `text_hidden` (the DiT masks them out, so only the mask matters).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sana.config import ConfigError, config_from_dict, config_to_dict
+from sana.data.buckets import BadImage
+from sana.data.captions import Caption
+from sana.data.loader import DataConfig, LoaderStats, RawImages
+from sana.data.sources import CACHE_INDEX
+from sana.types import TextEmbeddings
+from sana.weights import atomic_write
+
+logger = logging.getLogger("sana.data")
+
+FORMAT = "sana-cache"
+VERSION = 1
+NULL_TEXT = "null_text.safetensors"
+_SETTINGS_KEY = "sana_cache_settings"
+_PLANNED_KEY = "sana_cache_planned"
+_SAMPLES_KEY = "sana_cache_samples"
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """What `sana cache` reads: the raw data (only path, kind, resolution and buckets matter) and the model."""
+
+    data: DataConfig
+    model: str  # Sana model folder or Hub id: its vae/ and text_encoder/ + tokenizer/ are used
+    out: str
+    shard_size: int = 256
+    batch_size: int = 8  # images (and captions) per encoder call
+    device: str = "cpu"
+    dtype: str = "fp32"  # compute and storage dtype of both encoders
+    chi: bool = True  # prefix captions with the complex human instruction, as training and sampling do
+    chi_file: str | None = None  # the instruction text, if not the default
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1 or self.batch_size < 1:
+            raise ConfigError(f"shard_size and batch_size must be >= 1, got {self.shard_size}, {self.batch_size}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "") -> CacheConfig:
+        if not isinstance(data.get("data"), dict):
+            raise ConfigError(f"cache config{' ' + source if source else ''} needs a 'data' section")
+        return config_from_dict(cls, {**data, "data": config_from_dict(DataConfig, data["data"], source=source)})
+
+
+@dataclass
+class CacheReport:
+    samples: int = 0
+    shards_written: int = 0
+    shards_reused: int = 0
+    unreadable: dict[str, str] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def cache_settings(data: DataConfig, vae: Any, text_encoder: Any, shard_size: int) -> dict[str, Any]:
+    """Everything that changes a shard's content; a shard made with other settings is never reused."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "resolution": data.resolution,
+        "buckets": data.buckets,
+        "shard_size": shard_size,
+        "dtype": str(next(vae.parameters()).dtype).removeprefix("torch."),
+        "vae": config_to_dict(vae.config),
+        "text_encoder": {
+            "instruction": text_encoder.instruction,
+            "max_length": text_encoder.max_length,
+            "model": type(text_encoder.model).__name__,
+            "dtype": str(text_encoder.dtype).removeprefix("torch."),
+        },
+    }
+
+
+def build_cache(
+    data: DataConfig, out: str | Path, *, vae: Any, text_encoder: Any, shard_size: int = 256, batch_size: int = 8
+) -> CacheReport:
+    """Write (or complete) the cache of `data` in `out` with these encoders (on any device). See the module doc."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if data.kind == "cache":
+        raise ValueError("build_cache needs a raw data source, not a cache")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".shard-*.tmp"):  # left by a killed run (atomic_write cleans up on exceptions)
+        stale.unlink()
+    stats = LoaderStats()
+    images = RawImages.scan(data, stats)
+    settings = cache_settings(data, vae, text_encoder, shard_size)
+    settings_json = json.dumps(settings, sort_keys=True)
+    report = CacheReport(samples=0)
+    shards = []
+    n_shards = math.ceil(len(images.keys) / shard_size)
+    for s in range(n_shards):
+        planned = list(range(s * shard_size, min((s + 1) * shard_size, len(images.keys))))
+        planned_json = json.dumps([images.keys[i] for i in planned])
+        path = out / shard_name(s)
+        entries = None
+        if path.is_file():
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            if meta.get(_SETTINGS_KEY) != settings_json:
+                raise ValueError(
+                    f"{out} holds a cache made with other settings ({path.name}); use another folder or delete it"
+                )
+            if meta.get(_PLANNED_KEY) == planned_json:
+                entries = json.loads(meta[_SAMPLES_KEY])
+                report.shards_reused += 1
+                for key, reason in json.loads(meta.get("sana_cache_unreadable", "{}")).items():
+                    stats.record_bad(key, reason)
+        if entries is None:
+            tensors, entries, bad = _encode_shard(images, planned, vae, text_encoder, batch_size, stats)
+            meta = {
+                _SETTINGS_KEY: settings_json,
+                _PLANNED_KEY: planned_json,
+                _SAMPLES_KEY: json.dumps(entries),
+                "sana_cache_unreadable": json.dumps(bad),
+            }
+            atomic_write(path, lambda p, t=tensors, m=meta: save_file(t, str(p), metadata=m))
+            report.shards_written += 1
+            logger.info("cache shard %d/%d: %d samples", s + 1, n_shards, len(entries))
+        shards.append({"file": path.name, "samples": entries})
+        report.samples += len(entries)
+    if report.samples == 0:
+        raise ValueError(f"none of the images in {data.path} could be decoded; nothing to cache")
+    null = text_encoder.encode_unconditional([""])  # (1, L, C), (1, L)
+    null_tensors = {"hidden": null.hidden.cpu().contiguous(), "mask": null.mask.long().cpu().contiguous()}
+    atomic_write(
+        out / NULL_TEXT, lambda p: save_file(null_tensors, str(p), metadata={_SETTINGS_KEY: settings_json})
+    )
+    index = {
+        "format": FORMAT,
+        "version": VERSION,
+        "settings": settings,
+        "text_length": int(null.hidden.shape[1]),
+        "text_channels": int(null.hidden.shape[2]),
+        "latent_channels": int(vae.config.latent_channels),
+        "shards": shards,
+        "unreadable": stats.unreadable,
+    }
+    atomic_write(out / CACHE_INDEX, lambda p: p.write_text(json.dumps(index, indent=1) + "\n"))
+    report.unreadable = dict(stats.unreadable)
+    return report
+
+
+@torch.no_grad()
+def _encode_shard(
+    images: RawImages, planned: list[int], vae: Any, text_encoder: Any, batch_size: int, stats: LoaderStats
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, str]]:
+    param = next(vae.parameters())
+    pixels: dict[int, torch.Tensor] = {}
+    bad: dict[str, str] = {}
+    for i in planned:
+        try:
+            pixels[i] = images.load(i, 0)["image"]  # (3, H, W)
+        except BadImage as e:
+            bad[images.keys[i]] = str(e)
+            stats.record_bad(images.keys[i], str(e))
+    good = [i for i in planned if i in pixels]
+    # Latents: one encoder call per bucket chunk (same size within a bucket).
+    latents: dict[int, torch.Tensor] = {}
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for i in good:
+        by_bucket.setdefault(images.buckets[i], []).append(i)
+    for members in by_bucket.values():
+        for start in range(0, len(members), batch_size):
+            chunk = members[start : start + batch_size]
+            x = torch.stack([pixels[i] for i in chunk]).to(param.device, param.dtype)  # (b, 3, H, W)
+            z = vae.encode(x).cpu()  # (b, C_lat, H/f, W/f)
+            latents.update(zip(chunk, z, strict=True))
+    # Text: every candidate caption of every sample.
+    texts = [(i, c.text) for i in good for c in images.captions[i]]
+    hidden: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
+    for start in range(0, len(texts), batch_size):
+        emb: TextEmbeddings = text_encoder.encode([t for _, t in texts[start : start + batch_size]])
+        hidden.extend(emb.hidden.cpu())  # each (L, C)
+        masks.extend(emb.mask.cpu())  # each (L,)
+    tensors: dict[str, torch.Tensor] = {}
+    entries = []
+    cursor = 0
+    for slot, i in enumerate(good):
+        n = len(images.captions[i])
+        h = torch.stack(hidden[cursor : cursor + n])  # (n, L, C)
+        m = torch.stack(masks[cursor : cursor + n])  # (n, L)
+        cursor += n
+        attended = m.any(0).nonzero()
+        keep = int(attended.max()) + 1 if len(attended) else 1  # positions after the last attended one are dropped
+        tensors[f"{slot}.latent"] = latents[i].contiguous()
+        # Zero what each caption does not attend to (a shorter candidate's tail): the DiT ignores it anyway.
+        tensors[f"{slot}.text_hidden"] = (h[:, :keep] * m[:, :keep, None].to(h.dtype)).contiguous()
+        tensors[f"{slot}.text_mask"] = m[:, :keep].to(torch.uint8).contiguous()
+        entries.append(
+            {
+                "key": images.keys[i],
+                "slot": slot,
+                "bucket": list(images.buckets[i]),
+                "captions": [{"text": c.text, "score": c.score} for c in images.captions[i]],
+            }
+        )
+    return tensors, entries, bad
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def load_null_text(folder: str | Path) -> TextEmbeddings:
+    """The unconditional (empty prompt) embedding stored with a cache: hidden (1, L, C), mask (1, L)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / NULL_TEXT
+    if not path.is_file():
+        raise ValueError(f"{folder} has no {NULL_TEXT}; is it a finished `sana cache` folder?")
+    tensors = load_file(str(path))
+    return TextEmbeddings(tensors["hidden"], tensors["mask"])
+
+
+def read_index(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / CACHE_INDEX
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{folder} has no {CACHE_INDEX}: not a cache, or `sana cache` did not finish") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if index.get("format") != FORMAT or index.get("version") != VERSION:
+        raise ValueError(f"{path} is not a version-{VERSION} {FORMAT} index")
+    return index
+
+
+class CachedSamples:
+    """The samples of a cache folder, for the loader: `load` reads one latent and one caption's embedding."""
+
+    _MAX_OPEN = 32  # open shard handles kept per process
+
+    def __init__(self, folder: Path, index: dict[str, Any]) -> None:
+        self.folder = folder
+        self.text_length = int(index["text_length"])
+        self.keys: list[str] = []
+        self.buckets: list[tuple[int, int]] = []
+        self.captions: list[tuple[Caption, ...]] = []
+        self.where: list[tuple[str, int]] = []
+        entries = [(e, shard["file"]) for shard in index["shards"] for e in shard["samples"]]
+        entries.sort(key=lambda pair: pair[0]["key"])  # the raw source's order
+        for entry, file in entries:
+            self.keys.append(entry["key"])
+            self.buckets.append((int(entry["bucket"][0]), int(entry["bucket"][1])))
+            self.captions.append(tuple(Caption(c["text"], c["score"]) for c in entry["captions"]))
+            self.where.append((file, int(entry["slot"])))
+        self.unreadable: dict[str, str] = dict(index.get("unreadable", {}))  # left out when the cache was built
+        self._handles: dict[str, Any] = {}
+
+    @classmethod
+    def open(cls, cfg: DataConfig) -> CachedSamples:
+        if not isinstance(cfg.path, str):
+            raise ValueError("a cache is one folder, not a list of paths")
+        folder = Path(cfg.path)
+        index = read_index(folder)
+        settings = index["settings"]
+        if settings["resolution"] != cfg.resolution or settings["buckets"] != cfg.buckets:
+            raise ValueError(
+                f"{folder} was cached at resolution {settings['resolution']} with buckets={settings['buckets']}; "
+                f"set resolution: {settings['resolution']} and buckets: {str(settings['buckets']).lower()}"
+            )
+        samples = cls(folder, index)
+        if not samples.keys:
+            raise ValueError(f"the cache {folder} holds no samples")
+        return samples
+
+    def __getstate__(self) -> dict[str, Any]:  # shard handles do not cross into worker processes
+        return {**self.__dict__, "_handles": {}}
+
+    def _shard(self, file: str) -> Any:
+        from safetensors import safe_open
+
+        if file not in self._handles:
+            if len(self._handles) >= self._MAX_OPEN:
+                self._handles.pop(next(iter(self._handles)))
+            path = self.folder / file
+            try:
+                self._handles[file] = safe_open(str(path), "pt")
+            except Exception as e:  # missing or corrupt file: the cache itself is broken, not one image
+                raise ValueError(f"cache shard {path} cannot be read ({e}); re-run `sana cache`") from None
+        return self._handles[file]
+
+    def load(self, index: int, caption: int) -> dict[str, Any]:
+        file, slot = self.where[index]
+        shard = self._shard(file)
+        return {
+            "latent": shard.get_tensor(f"{slot}.latent"),  # (C, h, w)
+            "text_hidden": shard.get_slice(f"{slot}.text_hidden")[caption],  # (l, C)
+            "text_mask": shard.get_slice(f"{slot}.text_mask")[caption],  # (l,)
+            "key": self.keys[index],
+        }
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        b, length = len(items), self.text_length
+        channels = items[0]["text_hidden"].shape[-1]
+        hidden = torch.zeros(b, length, channels, dtype=items[0]["text_hidden"].dtype)  # (B, L, C)
+        mask = torch.zeros(b, length, dtype=torch.int64)  # (B, L)
+        for row, it in enumerate(items):
+            n = it["text_hidden"].shape[0]
+            hidden[row, :n] = it["text_hidden"]
+            mask[row, :n] = it["text_mask"].long()
+        return {
+            "latents": torch.stack([it["latent"] for it in items]),  # (B, C, h, w)
+            "text_hidden": hidden,
+            "text_mask": mask,
+            "keys": [it["key"] for it in items],
+        }
+
+
+def load_encoders(cfg: CacheConfig) -> tuple[Any, Any]:
+    """The (vae, text_encoder) of `cfg.model` on `cfg.device` in `cfg.dtype`."""
+    from sana.models.text_encoder import DEFAULT_INSTRUCTION, load_instruction
+    from sana.pretrained import load_components
+
+    instruction = None if not cfg.chi else load_instruction(cfg.chi_file) if cfg.chi_file else DEFAULT_INSTRUCTION
+    parts = load_components(
+        cfg.model, dtype=cfg.dtype, device=cfg.device, parts=("vae", "text_encoder"), instruction=instruction
+    )
+    return parts.vae, parts.text_encoder
