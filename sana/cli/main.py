@@ -16,6 +16,7 @@ COMMANDS = {
     "demo": ("sana.cli.demo", "generate a first image offline (the main job of `make demo`)"),
     "cache": ("sana.cli.cache", "precompute DC-AE latents and caption embeddings of a training set"),
     "captions": ("sana.cli.captions", "caption tools: `captions score` fills CLIP scores into a manifest"),
+    "train": ("sana.cli.train", "train or fine-tune a Sana model from a run YAML (torchrun for many GPUs)"),
 }
 
 

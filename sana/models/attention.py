@@ -25,14 +25,17 @@ def relu_linear_attention(
 ) -> torch.Tensor:
     """q, k, v: (B, heads, N, d) before the ReLU kernel. Returns (B, heads, N, d) in q's dtype."""
     dtype = q.dtype
-    q, k, v = F.relu(q).float(), F.relu(k).float(), v.float()
-    n, d = q.shape[-2], q.shape[-1]
-    if n > d:
-        kv = k.transpose(-1, -2) @ v  # (B, h, d, d)
-        num = q @ kv  # (B, h, N, d)
-        den = q @ k.sum(dim=-2).unsqueeze(-1)  # (B, h, N, 1)
-    else:
-        scores = q @ k.transpose(-1, -2)  # (B, h, N, N); row n holds phi(q_n) . phi(k_m)
-        num = scores @ v  # (B, h, N, d)
-        den = scores.sum(dim=-1, keepdim=True)  # (B, h, N, 1)
-    return (num / (den + eps)).to(dtype)
+    # Autocast would run these matmuls in fp16/bf16 again; in fp16 the 1e-15 guard then underflows to 0 and
+    # a query whose ReLU features are all zero gives 0/0. The policy is float32 here, so autocast stays out.
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v = F.relu(q).float(), F.relu(k).float(), v.float()
+        n, d = q.shape[-2], q.shape[-1]
+        if n > d:
+            kv = k.transpose(-1, -2) @ v  # (B, h, d, d)
+            num = q @ kv  # (B, h, N, d)
+            den = q @ k.sum(dim=-2).unsqueeze(-1)  # (B, h, N, 1)
+        else:
+            scores = q @ k.transpose(-1, -2)  # (B, h, N, N); row n holds phi(q_n) . phi(k_m)
+            num = scores @ v  # (B, h, N, d)
+            den = scores.sum(dim=-1, keepdim=True)  # (B, h, N, 1)
+        return (num / (den + eps)).to(dtype)

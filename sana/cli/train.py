@@ -1,0 +1,49 @@
+"""`sana train RUN.yaml [dotted.key=value ...] [--resume [CHECKPOINT]]`: train or fine-tune a Sana DiT.
+
+One process: `sana train run.yaml`. Several GPUs (DDP, or FSDP2 with distributed.strategy: fsdp):
+`torchrun --nproc-per-node 8 -m sana train run.yaml`. The YAML keys are documented in
+sana/training/config.py; configs/train/ holds examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="the run's YAML file")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-4 max_steps=500"
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="CHECKPOINT",
+        help="continue the run: from its newest checkpoint, or from the CHECKPOINT folder given",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from sana.training.config import load_train_config
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    cfg = load_train_config(args.config, overrides)
+
+    from sana.training import TrainingError, train
+
+    try:
+        result = train(cfg)
+    except TrainingError as e:
+        print(f"sana train: error: {e}", file=sys.stderr)
+        return 1
+    if result.final_model is not None:
+        print(f"{result.final_model} (step {result.step}, final loss {_last(result.losses)})")
+    return 0
+
+
+def _last(losses: list[float]) -> str:
+    return f"{losses[-1]:.4f}" if losses else "n/a"

@@ -1,0 +1,385 @@
+"""One YAML file per training run, read into typed, frozen dataclasses.
+
+    run_dir: runs/my-run
+    max_steps: 10000
+    model: {pretrained: path/to/Sana_600M_512px_diffusers}
+    data: {...}                      # sana.data.DataConfig (its own module documents the keys)
+    optim: {lr: 1.0e-4}
+    ...
+
+Every key is checked against the dataclass that owns it, and a typo fails at load time with the dotted key
+named ("unknown key optim.learning_rate (did you mean optim.lr?)"). Values are checked against the field
+types: numbers written like `1e-4`, which YAML 1.1 reads as a *string*, are accepted for float fields.
+Command-line overrides are dotted assignments applied to the YAML before checking:
+`sana train run.yaml optim.lr=3e-5 validation.prompts="[a cat, a dog]"`; each value is parsed with
+yaml.safe_load, so numbers, booleans and lists work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sana.config import ConfigError
+
+# ------------------------------------------------------------------------------------------------ sections
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The transformer to train: `preset` (a DIT_PRESETS name) from scratch, or `pretrained` to fine-tune.
+
+    pretrained: a model folder in the diffusers layout (its `transformer/` is loaded) or a transformer folder
+    itself. components: a model folder whose autoencoder and text encoder encode raw images and captions, draw
+    the validation images and complete the exported model; defaults to `pretrained` when that is a full
+    model folder. overrides: DiTConfig fields replaced in the preset (e.g. caption_channels to match the text
+    encoder); only with `preset`.
+    """
+
+    preset: str | None = None
+    pretrained: str | None = None
+    components: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    dtype: Literal["fp32", "bf16"] = "fp32"  # master weights; bf16 halves memory but AdamW loses precision
+    encoders_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # the frozen autoencoder and text encoder
+    gradient_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
+
+    def __post_init__(self) -> None:
+        if (self.preset is None) == (self.pretrained is None):
+            raise ConfigError("model: set exactly one of model.preset (from scratch) or model.pretrained")
+        if self.overrides and self.preset is None:
+            raise ConfigError("model.overrides only applies to model.preset (a pretrained model has its config)")
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """The objective (sana/flow.py): logit-normal time sampling, the time shift, caption dropout."""
+
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0  # the sampling flow_shift; 3.0 for the published 1024px models
+    caption_dropout: float = 0.1  # probability of training a sample on the empty prompt (enables CFG)
+
+    def __post_init__(self) -> None:
+        _check(self.logit_std >= 0, "flow.logit_std must be >= 0")
+        _check(self.shift > 0, "flow.shift must be > 0")
+        _check(0 <= self.caption_dropout <= 1, "flow.caption_dropout must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW (torch) or CAME (the `came-pytorch` package, Sana's own choice: factored second moments)."""
+
+    name: Literal["adamw", "came"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.0  # applied to matrices and convolution kernels only (see optim.param_groups)
+    betas: tuple[float, ...] | None = None  # None: (0.9, 0.999) for AdamW, (0.9, 0.999, 0.9999) for CAME
+    eps: float = 1e-8  # AdamW only; CAME keeps its own pair (1e-30, 1e-16)
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr must be > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
+        _check(self.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")
+        _check(self.grad_accum_steps >= 1, "optim.grad_accum_steps must be >= 1")
+        want = 2 if self.name == "adamw" else 3
+        _check(self.betas is None or len(self.betas) == want, f"optim.betas: {self.name} takes {want} betas")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning rate: linear warm-up from 0, then constant or cosine decay to `min_lr` at max_steps."""
+
+    warmup_steps: int = 0
+    decay: Literal["constant", "cosine"] = "constant"
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.warmup_steps >= 0, "schedule.warmup_steps must be >= 0")
+        _check(self.min_lr >= 0, "schedule.min_lr must be >= 0")
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    enabled: bool = True
+    decay: float = 0.9999
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.decay < 1, "ema.decay must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """Autocast for the forward pass; weights, gradients and optimizer state stay in model.dtype.
+
+    fp16 adds a gradient scaler (fp16 gradients underflow without one); bf16 needs none.
+    """
+
+    mixed: Literal["no", "bf16", "fp16"] = "no"
+    allow_tf32: bool = True  # CUDA matmuls in TF32 (fp32 range, 10-bit mantissa): free speed on Ampere+
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 1000  # steps between checkpoints (one is always written at max_steps)
+    keep_last: int = 3
+    resume: str | None = None  # "latest": the newest checkpoint in run_dir; or a checkpoint folder
+    export_ema: bool = True  # the final model is the EMA weights (when EMA is on)
+    write_delay_s: float = 0.0  # testing aid only: pause mid-write so a test can kill a half-written save
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 1, "checkpoint.every must be >= 1")
+        _check(self.keep_last >= 1, "checkpoint.keep_last must be >= 1")
+        _check(self.write_delay_s >= 0, "checkpoint.write_delay_s must be >= 0")
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Images for fixed prompts and seeds every `every` steps, saved as one grid PNG (0: never)."""
+
+    every: int = 0
+    prompts: tuple[str, ...] = ()
+    seed: int = 0  # prompt i uses seed + i, the same at every validation so the grids are comparable
+    steps: int = 20
+    guidance_scale: float = 4.5
+    sampler: str | None = None  # default: the components folder's scheduler
+    height: int | None = None  # default: the model's native size
+    width: int | None = None
+    use_ema: bool = True
+    model: str | None = None  # folder with the autoencoder + text encoder; default: model.components
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "validation.every must be >= 0")
+        _check(self.every == 0 or bool(self.prompts), "validation.prompts must be set when validation.every > 0")
+        _check(self.steps >= 1, "validation.steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    every: int = 10  # steps between TensorBoard points and progress-bar refreshes; the CSV gets every step
+    tensorboard: bool | None = None  # None: when the `tensorboard` package is installed
+    progress: bool = True
+    plot: bool = True  # loss.png at the end of the run
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 1, "logging.every must be >= 1")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Used when launched by torchrun (WORLD_SIZE > 1). ddp: full replicas; fsdp: FSDP2 sharding per block."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str
+    max_steps: int
+    model: ModelConfig
+    data: Any = field(default=None, metadata={"parse": "data"})  # sana.data.DataConfig
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    seed: int = 0
+    device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available, else cpu
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps >= 1, "max_steps must be >= 1")
+        _check(self.schedule.warmup_steps <= self.max_steps, "schedule.warmup_steps must be <= max_steps")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+# ------------------------------------------------------------------------------------------------- parsing
+
+
+def data_config_class() -> type:
+    """sana.data.DataConfig, imported when a data section is actually parsed."""
+    from sana.data import DataConfig
+
+    return DataConfig
+
+
+def parse(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and value; errors name the dotted key."""
+    where = path or "the run config"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            dotted = _join(path, str(key))
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {_join(path, close[0])}?)" if close else ""
+            raise ConfigError(f"unknown key {dotted}{hint}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        dotted = _join(path, name)
+        if fields[name].metadata.get("parse") == "data":
+            values[name] = None if value is None else parse(data_config_class(), value, dotted)
+        else:
+            values[name] = _coerce(hints[name], value, dotted)
+    missing = [n for n, f in fields.items() if n not in values and _required(f)]
+    if missing:
+        raise ConfigError(f"missing key(s): {', '.join(_join(path, n) for n in missing)}")
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    """Check `value` against the type hint (bool, int, float, str, Literal, tuple, Optional, dataclass)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return parse(hint, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} fits none of {hint}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        item = args[0] if args else Any
+        return tuple(_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        number = _number(value, path)
+        if number != int(number):
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return int(number)
+    if hint is float:
+        return float(_number(value, path))
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return value
+    return value  # Any and types this checker does not know: the dataclass validates them itself
+
+
+def _number(value: Any, path: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{path} must be a number, got {value!r}")
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{path} must be a number, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------- overrides
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of `data` with each "dotted.key=value" applied; values are parsed with yaml.safe_load."""
+    out = _deep_copy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        parts = key.strip().split(".")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+    return out
+
+
+def _deep_copy(data: Any) -> Any:
+    return {k: _deep_copy(v) for k, v in data.items()} if isinstance(data, dict) else data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no such run config: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections")
+    return data
+
+
+def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a run YAML, apply dotted overrides, check everything: the one way a TrainConfig is made from text."""
+    return train_config_from_dict(apply_overrides(read_yaml(path), overrides))
+
+
+def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    return parse(TrainConfig, data)
+
+
+def train_config_to_dict(cfg: Any) -> Any:
+    """Plain data (dicts, lists, scalars) that `train_config_from_dict` reads back into an equal config."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: train_config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple | list):
+        return [train_config_to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: train_config_to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, Path):
+        return str(cfg)
+    return cfg
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(train_config_to_dict(cfg), sort_keys=False)
