@@ -159,6 +159,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="gpu_results.json")
     p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--only", choices=["dit-4k"], help="run one check only")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -167,6 +168,10 @@ def main() -> None:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
+    if args.only == "dit-4k":
+        results["dit"] = [dit_checks("sana-600m-4k", 4, 128, args.rounds)]
+        print(json.dumps(results, indent=1))
+        return
     results["dit"] = [  # each check frees its models on return
         dit_checks("sana-600m-1024", None, 32, args.rounds),
         dit_checks("sana-1600m-1024", None, 32, args.rounds),
