@@ -11,6 +11,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev,train]'
+	# open_clip for `sana captions score` tests: --no-deps because it requires torchvision, which has no
+	# build for this CPU torch; the scorer never uses torchvision (see sana/data/captions.py).
+	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
+	$(PY) -m pip install -q ftfy regex
 	touch $(STAMP)
 
 demo: $(STAMP)
