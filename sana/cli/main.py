@@ -17,6 +17,8 @@ COMMANDS = {
     "cache": ("sana.cli.cache", "precompute DC-AE latents and caption embeddings of a training set"),
     "captions": ("sana.cli.captions", "caption tools: `captions score` fills CLIP scores into a manifest"),
     "train": ("sana.cli.train", "train or fine-tune a Sana model from a run YAML (torchrun for many GPUs)"),
+    "data": ("sana.cli.data", "make training data: `data shapes` writes the procedural shapes world"),
+    "eval": ("sana.cli.eval", "evaluate a model: `eval shapes` scores prompt following on the shapes world"),
 }
 
 
