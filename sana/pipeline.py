@@ -21,6 +21,7 @@ from PIL import Image
 from sana.aspect_ratios import TABLES_BY_RESOLUTION, nearest_bucket, resize_and_center_crop
 from sana.images import to_pil
 from sana.models.dcae import DCAE
+from sana.models.dcae_tiling import DEFAULT_TILE, check_tile
 from sana.models.dit import AttentionPerturbation, SanaDiT
 from sana.models.text_encoder import DEFAULT_INSTRUCTION, TextEncoder
 from sana.pretrained import SchedulerSpec, load_components
@@ -30,6 +31,24 @@ from sana.samplers.schedules import dpm_flow_sigmas, euler_flow_sigmas, model_ti
 from sana.types import TextEmbeddings, VelocityFn
 
 SIZE_MULTIPLE = 32  # what the reference accepts; also a multiple of every DC-AE compression we ship
+
+# Automatic tiled decoding (vae_tile="auto"): images with a side above this many pixels are decoded in tiles of
+# DEFAULT_TILE latents (768 px with the 32x DC-AE). Tiling gives the same image up to float rounding and
+# bounds the decoder's memory by a tile instead of the image area (an untiled 4096x4096 decode needs tens of
+# GB); below the threshold one untiled pass is a little faster.
+AUTO_TILE_ABOVE_PX = 2048
+
+
+def vae_tile_for(vae_tile: int | str | None, height: int, width: int) -> int | None:
+    """The DC-AE tile size (latents) to decode a height x width image with, or None for one pass.
+
+    vae_tile: "auto" (tile only above AUTO_TILE_ABOVE_PX on either side), None (never tile) or a tile size.
+    """
+    if vae_tile == "auto":
+        return DEFAULT_TILE if max(height, width) > AUTO_TILE_ABOVE_PX else None
+    if vae_tile is not None:
+        check_tile(vae_tile)
+    return vae_tile
 
 
 @dataclass(frozen=True)
@@ -175,6 +194,17 @@ class SanaPipeline:
     def default_size(self) -> int:
         return self.transformer.config.sample_size * self.vae.config.spatial_compression
 
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> list[str]:
+        """Merge a LoRA into the transformer: W <- W + scale * B @ A (times the file's alpha / r, if any).
+
+        path: a diffusers-format `pytorch_lora_weights.safetensors` or its folder (`sana train` writes
+        RUN/lora/). The merge is in place and permanent (no cost per step; load the pipeline again to undo);
+        merging two LoRAs adds both. Returns the adapted module paths. See sana/lora.py.
+        """
+        from sana.lora import merge_lora, read_lora
+
+        return merge_lora(self.transformer, read_lora(path), scale)
+
     # ---------------------------------------------------------------------------------------------- text
 
     def encode_text(self, prompts: list[str], negatives: list[str] | None) -> tuple[TextEmbeddings, ...]:
@@ -283,13 +313,15 @@ class SanaPipeline:
         callback: Callback | None = None,
         progress: bool = False,
         output_type: str = "pil",
+        vae_tile: int | str | None = "auto",
     ) -> list[Image.Image] | torch.Tensor:
         """Generate `images_per_prompt` images for each prompt.
 
         seed: one int seeds a single generator for the whole batch (as diffusers), a list gives one seed per
         image. latents: explicit starting noise (B, C, h, w), overriding seed. output_type "pil" returns
         images carrying their parameters; "pt" returns the decoded (B, 3, H, W) tensor in [-1, 1];
-        "latent" the final latents.
+        "latent" the final latents. vae_tile: decode in tiles of this many latents (same image, memory bounded
+        by the tile); "auto" tiles images with a side above AUTO_TILE_ABOVE_PX (2048) px, None never tiles.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -314,6 +346,7 @@ class SanaPipeline:
         sample_h, sample_w = (
             nearest_bucket(settings.height, settings.width, table) if table else (settings.height, settings.width)
         )
+        tile = vae_tile_for(vae_tile, sample_h, sample_w)  # checked here, before any model work
         f = self.vae.config.spatial_compression
         if sample_h % f or sample_w % f:
             raise ValueError(f"size {sample_h}x{sample_w} is not a multiple of the autoencoder's {f}x compression")
@@ -338,7 +371,7 @@ class SanaPipeline:
         final = self.sample(velocity, noise, settings, generator=generators, callback=callback, progress=progress)
         if output_type == "latent":
             return final
-        images = self.vae.decode(final.to(next(self.vae.parameters()).dtype)).float()  # (B, 3, h, w)
+        images = self.vae.decode(final.to(next(self.vae.parameters()).dtype), tile=tile).float()  # (B, 3, h, w)
         if (sample_h, sample_w) != (settings.height, settings.width):
             images = resize_and_center_crop(images, settings.height, settings.width)
         if output_type == "pt":

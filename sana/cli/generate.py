@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-binning", action="store_true", help="sample at the exact size, not the nearest bucket")
     p.add_argument("--pag-scale", type=float, default=0.0, help="perturbed-attention guidance scale (0: off)")
     p.add_argument("--pag-layers", type=int, nargs="+", default=[0], help="blocks perturbed by PAG")
+    p.add_argument("--lora", help="LoRA weights to merge: a pytorch_lora_weights.safetensors or its folder")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA (0: none, 1: as trained)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute dtype")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
     p.add_argument("--low-memory", action="store_true", help="keep the text encoder on the CPU between prompts")
@@ -94,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
         images_per_prompt=args.images_per_prompt,
         num_layers=1,
     )
+    if args.lora:
+        from sana.lora import lora_file
+
+        lora_file(args.lora)  # a missing file fails before the model loads
     pipe = SanaPipeline.from_pretrained(
         args.model or default_model(),
         dtype=args.dtype,
@@ -101,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         instruction=instruction,
         offload_text_encoder=args.low_memory,
     )
+    if args.lora:
+        pipe.load_lora(args.lora, args.lora_scale)
     images = pipe(
         prompts,
         negative_prompt=args.negative_prompt,

@@ -23,19 +23,21 @@ LINEAR_ATTENTION_EPS = 1e-15
 def relu_linear_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = LINEAR_ATTENTION_EPS
 ) -> torch.Tensor:
-    """q, k, v: (B, heads, N, d) before the ReLU kernel. Returns (B, heads, N, d) in q's dtype."""
+    """q, k, v: (B, heads, N, d) before the ReLU kernel, any strides. Returns (B, heads, N, d) in q's dtype,
+    stored as (B, N, heads, d), so the usual next step `.transpose(1, 2).flatten(2)` is a free view.
+
+    v gets a column of ones, so the product that forms the numerator also forms the normaliser (its last
+    column is sum_m phi(k_m) . phi(q_n)): one matmul fewer, and the pad is the one copy v needs anyway.
+    """
     dtype = q.dtype
     # Autocast would run these matmuls in fp16/bf16 again; in fp16 the 1e-15 guard then underflows to 0 and
     # a query whose ReLU features are all zero gives 0/0. The policy is float32 here, so autocast stays out.
     with torch.autocast(q.device.type, enabled=False):
-        q, k, v = F.relu(q).float(), F.relu(k).float(), v.float()
+        q, k = F.relu(q).float(), F.relu(k).float()
+        v = F.pad(v.float(), (0, 1), value=1.0)  # (B, h, N, d + 1)
         n, d = q.shape[-2], q.shape[-1]
-        if n > d:
-            kv = k.transpose(-1, -2) @ v  # (B, h, d, d)
-            num = q @ kv  # (B, h, N, d)
-            den = q @ k.sum(dim=-2).unsqueeze(-1)  # (B, h, N, 1)
-        else:
-            scores = q @ k.transpose(-1, -2)  # (B, h, N, N); row n holds phi(q_n) . phi(k_m)
-            num = scores @ v  # (B, h, N, d)
-            den = scores.sum(dim=-1, keepdim=True)  # (B, h, N, 1)
-        return (num / (den + eps)).to(dtype)
+        # Associate the products so the intermediate is the smaller of (d, d + 1) and (N, N).
+        kv_first = n > d
+        out = q @ (k.transpose(-1, -2) @ v) if kv_first else (q @ k.transpose(-1, -2)) @ v  # (B, h, N, d + 1)
+        num, den = out[..., :d].transpose(1, 2), out[..., d:].transpose(1, 2)  # (B, N, h, d), (B, N, h, 1)
+        return (num / (den + eps)).to(dtype).transpose(1, 2)  # the division writes (B, N, h, d) memory

@@ -107,7 +107,9 @@ class DiTConfig:
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def sincos_positions(dim: int, h: int, w: int, base_size: int, interpolation_scale: float) -> torch.Tensor:
+def sincos_positions(
+    dim: int, h: int, w: int, base_size: int, interpolation_scale: float, device: torch.device | None = None
+) -> torch.Tensor:
     """2D sin-cos positional table (MAE style), (h*w, dim) float32.
 
     Coordinates are rescaled so a grid of `base_size` cells spans [0, base_size / interpolation_scale)
@@ -115,16 +117,39 @@ def sincos_positions(dim: int, h: int, w: int, base_size: int, interpolation_sca
     half the row (y): the published 2K/4K checkpoints were trained with that order. The frequencies are
     taken in float64, the positions in float32, as the checkpoints were.
     """
-    ys = torch.arange(h, dtype=torch.float32) / (h / base_size) / interpolation_scale
-    xs = torch.arange(w, dtype=torch.float32) / (w / base_size) / interpolation_scale
+    ys = torch.arange(h, dtype=torch.float32, device=device) / (h / base_size) / interpolation_scale
+    xs = torch.arange(w, dtype=torch.float32, device=device) / (w / base_size) / interpolation_scale
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")  # (h, w) each; token order is row-major
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (dim/4,)
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64, device=device) / (dim / 4))  # (dim/4,)
 
     def encode(pos: torch.Tensor) -> torch.Tensor:
         angles = torch.outer(pos.reshape(-1).double(), omega)  # (h*w, dim/4)
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
     return torch.cat([encode(gx), encode(gy)], dim=1).float()  # (h*w, dim)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation x * (1 + scale) + shift, as one fused multiply-add pass."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def drop_padding(text: TextEmbeddings) -> TextEmbeddings:
+    """The caption positions that some row attends to, in order; the rest are padding for every row.
+
+    A position masked in every row adds exactly nothing: its bias of -1e4 puts its softmax weight below
+    exp(-9900) next to any valid position, which is 0 in every float format, so the outputs are unchanged while
+    the caption projection and the cross-attention shrink to the valid length (prompts usually fill a tenth of
+    the 300 positions the text encoder pads to). A row with no valid position at all is the exception: its
+    softmax spreads evenly over every position, padding included, so then nothing is dropped. (On a GPU the
+    data-dependent length costs one host sync per forward, small next to the attention it saves.)
+    """
+    keep = text.mask.bool()  # (B, L)
+    columns = keep.any(dim=0)  # (L,)
+    if bool(columns.all()) or not bool(keep.any(dim=1).all()):
+        return text
+    index = columns.nonzero().squeeze(1)  # (L',)
+    return TextEmbeddings(text.hidden.index_select(1, index), text.mask.index_select(1, index))
 
 
 def mask_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -241,9 +266,10 @@ class SanaBlock(nn.Module):
     ) -> torch.Tensor:
         mod = self.scale_shift_table[None] + t6.unflatten(1, (6, -1))  # (B, 6, C)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unsqueeze(2).unbind(1)  # (B, 1, C) each
-        x = x + gate1 * self.attn1(self.norm1(x) * (1 + scale1) + shift1, identity_rows)
+        # addcmul: the gated residual and the modulation each in one pass over (B, N, C) instead of two.
+        x = torch.addcmul(x, gate1, self.attn1(modulate(self.norm1(x), shift1, scale1), identity_rows))
         x = x + self.attn2(x, context, bias)
-        return x + gate2 * self.ff(self.norm2(x) * (1 + scale2) + shift2, hw)
+        return torch.addcmul(x, gate2, self.ff(modulate(self.norm2(x), shift2, scale2), hw))
 
 
 # ------------------------------------------------------------------------------------ conditioning stems
@@ -262,12 +288,14 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # (B, C, h, w)
         h, w = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        # Made contiguous once here: a transposed residual stream would propagate through every add and cost a
+        # copy inside each LayerNorm and each Linear on it.
+        x = x.flatten(2).transpose(1, 2).contiguous()  # (B, h*w, C)
         if self.interpolation_scale is None:
             return x
         # Computed per call (cheap next to one block) so the module holds no size-dependent state.
-        pos = sincos_positions(x.shape[-1], h, w, self.base_size, self.interpolation_scale)
-        return x + pos.to(x.device, x.dtype)
+        pos = sincos_positions(x.shape[-1], h, w, self.base_size, self.interpolation_scale, x.device)
+        return x + pos.to(x.dtype)
 
 
 class CaptionProjection(nn.Module):
@@ -410,8 +438,9 @@ class SanaDiT(nn.Module):
         tokens = self.patch_embed(x)  # (B, N, C)
         dtype = tokens.dtype
         emb, t6 = self.time_embed(t, None if guidance is None else guidance.expand(b), dtype)  # (B,C),(B,6C)
-        context = self.caption_norm(self.caption_projection(text.hidden.to(dtype)))  # (B, L, C)
-        bias = mask_to_bias(text.mask, dtype)  # (B, 1, 1, L)
+        text = drop_padding(text)  # (B, L', C_text): only positions some row attends to
+        context = self.caption_norm(self.caption_projection(text.hidden.to(dtype)))  # (B, L', C)
+        bias = mask_to_bias(text.mask, dtype)  # (B, 1, 1, L')
 
         for i, block in enumerate(self.transformer_blocks):
             rows = perturbation.rows if perturbation is not None and i in perturbation.blocks else None
@@ -421,7 +450,7 @@ class SanaDiT(nn.Module):
                 tokens = block(tokens, context, bias, t6, hw, rows)
 
         shift, scale = (self.scale_shift_table[None] + emb[:, None]).unsqueeze(2).unbind(1)  # (B, 1, C) each
-        tokens = self.proj_out(self.norm_out.norm(tokens) * (1 + scale) + shift)  # (B, N, p*p*C_out)
+        tokens = self.proj_out(modulate(self.norm_out.norm(tokens), shift, scale))  # (B, N, p*p*C_out)
         out = tokens.unflatten(1, hw).unflatten(-1, (p, p, -1))  # (B, h, w, p, p, C_out)
         return out.permute(0, 5, 1, 3, 2, 4).reshape(b, -1, height, width)  # (B, C_out, H, W)
 

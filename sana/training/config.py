@@ -10,7 +10,9 @@
 Every key is checked against the dataclass that owns it, and a typo fails at load time with the dotted key
 named ("unknown key optim.learning_rate (did you mean optim.lr?)"). Values are checked against the field
 types: numbers written like `1e-4`, which YAML 1.1 reads as a *string*, are accepted for float fields.
-Command-line overrides are dotted assignments applied to the YAML before checking:
+The top-level `task:` key (dit, the default; dcae; text_encoder) picks the dataclass: `TrainConfig` below for the
+DiT, `DCAETrainConfig` (sana/training/dcae_task.py) and `TextTrainConfig` (sana/training/text_task.py); all
+share `RunConfig`'s sections. Command-line overrides are dotted assignments applied to the YAML before checking:
 `sana train run.yaml optim.lr=3e-5 validation.prompts="[a cat, a dog]"`; each value is parsed with
 yaml.safe_load, so numbers, booleans and lists work.
 """
@@ -57,6 +59,32 @@ class ModelConfig:
             raise ConfigError("model: set exactly one of model.preset (from scratch) or model.pretrained")
         if self.overrides and self.preset is None:
             raise ConfigError("model.overrides only applies to model.preset (a pretrained model has its config)")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA fine-tuning (peft): each targeted linear layer W learns a low-rank update (alpha / rank) * B @ A while
+    every other weight stays frozen; needs model.pretrained. Off by default.
+
+    targets: module names as peft matches a list: a layer is adapted when its dotted path equals a target or
+    ends with "." + target ("to_q" adapts attn1.to_q and attn2.to_q of every block). Only linear layers: the
+    Mix-FFN applies its 1x1 convolutions as matmuls on the conv weights, which a peft wrapper would not see.
+    The run exports `RUN/lora/pytorch_lora_weights.safetensors` (diffusers' format, alpha folded in), and with
+    export_merged also `RUN/final`, the full model with the update merged.
+    """
+
+    enabled: bool = False
+    rank: int = 16
+    alpha: float | None = None  # None: alpha = rank (update scale 1)
+    dropout: float = 0.0  # on the LoRA branch's input, during training only
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # both attentions of every block
+    export_merged: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, "lora.rank must be >= 1")
+        _check(self.alpha is None or self.alpha > 0, "lora.alpha must be > 0")
+        _check(0 <= self.dropout < 1, "lora.dropout must be in [0, 1)")
+        _check(bool(self.targets) and all(self.targets), "lora.targets must list at least one module name")
 
 
 @dataclass(frozen=True)
@@ -182,19 +210,20 @@ class DistributedConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """The sections every task shares. Each task's config (`TrainConfig` for the DiT, `dcae_task.DCAETrainConfig`,
+    `text_task.TextTrainConfig`) adds its own `model` and `data` sections and whatever else it needs; the
+    top-level `task:` key picks which one a YAML file is read into (see sana/training/task.py)."""
+
     run_dir: str
     max_steps: int
-    model: ModelConfig
-    data: Any = field(default=None, metadata={"parse": "data"})  # sana.data.DataConfig
-    flow: FlowConfig = field(default_factory=FlowConfig)
+    task: str = "dit"
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     seed: int = 0
@@ -203,6 +232,25 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, "max_steps must be >= 1")
         _check(self.schedule.warmup_steps <= self.max_steps, "schedule.warmup_steps must be <= max_steps")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(RunConfig):
+    """task: dit (the default): flow-matching training or fine-tuning of the Sana DiT."""
+
+    task: Literal["dit"] = "dit"
+    model: ModelConfig
+    data: Any = field(default=None, metadata={"parse": "data"})  # sana.data.DataConfig
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            not self.lora.enabled or self.model.pretrained is not None,
+            "lora.enabled needs model.pretrained: LoRA adapts a trained model",
+        )
 
 
 def _check(ok: bool, message: str) -> None:
@@ -359,13 +407,39 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a run YAML, apply dotted overrides, check everything: the one way a TrainConfig is made from text."""
     return train_config_from_dict(apply_overrides(read_yaml(path), overrides))
 
 
-def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    return parse(TrainConfig, data)
+def config_class(task: str) -> type[RunConfig]:
+    """The run-config dataclass of `task` (imported on demand: only the asked-for task's module loads)."""
+    if task == "dit":
+        return TrainConfig
+    if task == "dcae":
+        from sana.training.dcae_task import DCAETrainConfig
+
+        return DCAETrainConfig
+    from sana.training.text_task import TextTrainConfig
+
+    return TextTrainConfig
+
+
+TASK_NAMES = ("dit", "dcae", "text_encoder")
+
+
+def train_config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """The run config of the task named by the top-level `task:` key ("dit" when absent)."""
+    task = data.get("task", "dit") if isinstance(data, Mapping) else "dit"
+    if task not in TASK_NAMES:
+        raise ConfigError(f"task must be one of {', '.join(map(repr, TASK_NAMES))}, got {task!r}")
+    cls = config_class(task)
+    own = {f.name for f in dataclasses.fields(cls)}
+    for key in (k for k in data if k not in own):  # a section of another task: say so, not "did you mean"
+        owners = [t for t in TASK_NAMES if key in {f.name for f in dataclasses.fields(config_class(t))}]
+        if owners:
+            raise ConfigError(f"unknown key {key}: it belongs to task {owners[0]}, and this run has task: {task}")
+    return parse(cls, data)
 
 
 def train_config_to_dict(cfg: Any) -> Any:
@@ -381,5 +455,5 @@ def train_config_to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def dump_yaml(cfg: TrainConfig) -> str:
+def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(train_config_to_dict(cfg), sort_keys=False)

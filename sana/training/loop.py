@@ -1,23 +1,26 @@
-"""`train(cfg)`: flow-matching training and fine-tuning of a Sana DiT, from one CPU to many GPUs.
+"""`train(cfg)`: the training loop of every task, and the DiT task (flow-matching training and fine-tuning of
+a Sana DiT), from one CPU to many GPUs.
 
-    setup:  process group -> data loader (bad data fails first) -> model (preset or pretrained) -> wrap
-            (DDP / FSDP2) -> optimizer, EMA, scaler -> resume (model, EMA, optimizer, scaler, RNG, data position)
-            -> logger
-    loop:   per step: lr -> grad_accum_steps micro-batches -> train_step -> EMA -> log
-            -> validation images -> checkpoint
-    finish: last checkpoint, the final model folder (`RUN/final`), loss.png
+    setup:  process group -> task (cfg.task, see task.py) -> data loader (bad data fails first) -> model
+            (task.build_model) -> wrap (DDP / FSDP2) -> optimizer, EMA, scaler -> resume (model, EMA,
+            optimizer, scaler, RNG, data position) -> logger -> task.start
+    loop:   per step: lr -> grad_accum_steps micro-batches (task.micro_batch) -> train_step (task.loss) -> EMA
+            -> log -> task.after_step (the DiT's validation images) -> checkpoint
+    finish: last checkpoint, task.export (the DiT: the model folder `RUN/final`, a LoRA run's `RUN/lora`
+            weights), loss.png
 
-Each piece is a small function; `train_step` (step.py) is the unit-tested core. The data source is whatever
-`sana.data.build_loader(cfg.data, ...)` returns, or (for tests and notebooks) any callable
+Each piece is a small function; `train_step` (step.py) is the unit-tested core. The DiT's data source is
+whatever `sana.data.build_loader(cfg.data, ...)` returns, or (for tests and notebooks) any callable
 `data(seed=, rank=, world_size=)` returning an iterable of batches, optionally with state_dict /
-load_state_dict for exact resume and a `null_text` attribute (the empty-prompt embedding).
+load_state_dict for exact resume and a `null_text` attribute (the empty-prompt embedding). The other tasks
+live in dcae_task.py and text_task.py.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,7 @@ from sana.training.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from sana.training.config import TrainConfig, dump_yaml
+from sana.training.config import RunConfig, TrainConfig, dump_yaml
 from sana.training.distributed import (
     DistContext,
     barrier,
@@ -51,15 +54,15 @@ from sana.training.optim import build_optimizer, lr_at, set_lr
 from sana.training.step import (
     FlowBatch,
     NonFiniteLossError,
+    flow_forward,
     make_flow_batch,
     prepare_batch,
     step_generator,
     train_step,
 )
+from sana.training.task import DataSource, LossOutput, Task, make_task
 from sana.types import TextEmbeddings
 from sana.weights import load_model, parse_dtype
-
-DataSource = Callable[..., Iterable[dict[str, Any]]]
 
 
 class TrainingError(RuntimeError):
@@ -73,6 +76,7 @@ class TrainResult:
     losses: list[float]  # one per step run by this call
     checkpoint: Path | None  # the last checkpoint written
     final_model: Path | None  # the exported model folder (rank 0 only)
+    lora: Path | None = None  # the exported LoRA weights file, for a LoRA run (rank 0 only)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -99,6 +103,10 @@ def build_model(cfg: TrainConfig) -> SanaDiT:
     model = model.to(parse_dtype(m.dtype)).train()
     model.gradient_checkpointing = m.gradient_checkpointing
     model.requires_grad_(True)
+    if cfg.lora.enabled:
+        from sana.training.lora import apply_lora
+
+        model = apply_lora(model, cfg.lora)  # only the LoRA factors keep requires_grad
     return model
 
 
@@ -142,16 +150,6 @@ class Encoders:
 # ------------------------------------------------------------------------------------------------- data
 
 
-def build_data(cfg: TrainConfig, ctx: DistContext, data: DataSource | None) -> Iterable[dict[str, Any]]:
-    if data is not None:
-        return data(seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
-    if cfg.data is None:
-        raise ConfigError("the run config has no data section")
-    from sana.data import build_loader
-
-    return build_loader(cfg.data, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
-
-
 class BatchStream:
     """next() over the loader, starting a new pass when one ends; an empty pass is an error."""
 
@@ -188,18 +186,9 @@ def resolve_null_text(cfg: TrainConfig, loader: Any, encoders: Encoders) -> Text
     return text_encoder.encode_unconditional([""])
 
 
-def next_micro_batches(run: Run, step: int) -> list[FlowBatch]:
-    """This rank's `grad_accum_steps` micro-batches of `step`, with their noise, times and caption dropout."""
-    out = []
-    for micro in range(run.cfg.optim.grad_accum_steps):
-        latents, text = prepare_batch(next(run.batches), run.encoders, run.ctx.device)
-        generator = step_generator(run.cfg.seed, step, micro)
-        out.append(
-            make_flow_batch(
-                latents, text, run.null_text, run.cfg.flow, generator, run.ctx.rank, run.ctx.world_size
-            )
-        )
-    return out
+def next_micro_batches(run: Run, step: int) -> list[Any]:
+    """This rank's `grad_accum_steps` micro-batches of `step`, made model-ready by the task."""
+    return [run.task.micro_batch(next(run.batches), step, i) for i in range(run.cfg.optim.grad_accum_steps)]
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -209,18 +198,16 @@ def next_micro_batches(run: Run, step: int) -> list[FlowBatch]:
 class Run:
     """Everything the loop touches, built once by `setup`."""
 
-    cfg: TrainConfig
+    cfg: RunConfig
     ctx: DistContext
-    model: nn.Module  # what is trained: the DiT, its DDP wrapper, or the FSDP2-sharded DiT
-    core: SanaDiT  # the DiT itself (names, config)
+    task: Task
+    model: nn.Module  # what is trained (e.g. the DiT), its DDP wrapper, or the FSDP2-sharded model
+    core: nn.Module  # the trained module itself (names, config)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     ema: dict[str, torch.Tensor] | None
     loader: Any
     batches: BatchStream
-    encoders: Encoders  # for raw batches and the empty prompt
-    validation_encoders: Encoders  # for validation images: validation.model, else the same as `encoders`
-    null_text: TextEmbeddings | None
     logger: MetricsLogger
     start_step: int = 0
     checkpoint: Path | None = None
@@ -234,21 +221,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup(cfg: TrainConfig, ctx: DistContext, data: DataSource | None) -> Run:
+def setup(cfg: RunConfig, ctx: DistContext, data: DataSource | None) -> Run:
     run_dir = Path(cfg.run_dir)
     seed_everything(cfg.seed + ctx.rank)
     if ctx.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.precision.allow_tf32
         torch.backends.cudnn.allow_tf32 = cfg.precision.allow_tf32
     resume = resolve_resume(run_dir, cfg.checkpoint.resume, ctx)
-    loader = build_data(cfg, ctx, data)  # first: an empty or too-small dataset fails before any model loads
+    task = make_task(cfg, ctx, resume)
+    loader = task.build_data(data)  # first: an empty or too-small dataset fails before any model loads
 
-    core = build_model(cfg).to(ctx.device)
+    core = task.build_model().to(ctx.device)
     model = wrap_model(core, ctx)
     optimizer = build_optimizer(unwrap(model), cfg.optim)
     scaler = torch.amp.GradScaler(ctx.device.type) if cfg.precision.mixed == "fp16" else None
     ema = init_ema(unwrap(model)) if cfg.ema.enabled else None
-    encoders = Encoders(components_folder(cfg), ctx.device, cfg.model.encoders_dtype)
 
     start = 0
     if resume is not None:
@@ -258,27 +245,40 @@ def setup(cfg: TrainConfig, ctx: DistContext, data: DataSource | None) -> Run:
     logger = MetricsLogger(run_dir, cfg.logging, start_step=start, max_steps=cfg.max_steps, enabled=ctx.is_main)
     if ctx.is_main:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        params = sum(p.numel() for p in core.parameters())
-        where = f"resumed from {resume}" if resume else "from scratch" if cfg.model.preset else "fine-tuning"
+        params = sum(p.numel() for p in core.parameters() if p.requires_grad)
         logger.info(
-            f"training {params / 1e6:.2f}M parameters on {ctx.world_size} x {ctx.device.type} "
-            f"({ctx.strategy}), {where}, step {start} -> {cfg.max_steps}"
+            f"training {params / 1e6:.2f}M parameters ({cfg.task}) on {ctx.world_size} x {ctx.device.type} "
+            f"({ctx.strategy}), {task.describe()}, step {start} -> {cfg.max_steps}"
         )
-    null_text = resolve_null_text(cfg, loader, encoders)
-    v = cfg.validation.model
-    validation_encoders = Encoders(Path(v), ctx.device, cfg.model.encoders_dtype) if v else encoders
-    return Run(cfg, ctx, model, unwrap(model), optimizer, scaler, ema, loader, BatchStream(loader), encoders,
-               validation_encoders, null_text, logger, start_step=start, checkpoint=resume)  # fmt: skip
+    run = Run(cfg, ctx, task, model, unwrap(model), optimizer, scaler, ema, loader, BatchStream(loader), logger,
+              start_step=start, checkpoint=resume)  # fmt: skip
+    task.start(run)
+    return run
 
 
 # ------------------------------------------------------------------------------------------- validation
 
 
 def full_weights(run: Run, use_ema: bool) -> dict[str, torch.Tensor]:
-    """Whole CPU tensors of the EMA or live weights (a collective under FSDP: every rank calls it)."""
-    if use_ema and run.ema is not None:
-        return full_ema_state(run.ema)
-    return {name: full_tensor(p.detach()).cpu() for name, p in run.core.named_parameters()}
+    """Whole CPU tensors of the EMA or live weights (a collective under FSDP: every rank calls it).
+
+    For a LoRA run: every parameter of the wrapped model (peft's names), the LoRA factors from the EMA when
+    asked; `lora.merged_weights` turns that into plain DiT weights.
+    """
+    ema = full_ema_state(run.ema) if use_ema and run.ema is not None else None
+    if ema is not None and not run.cfg.lora.enabled:
+        return ema
+    live = {name: full_tensor(p.detach()).cpu() for name, p in run.core.named_parameters()}
+    return {**live, **ema} if ema is not None else live
+
+
+def dit_weights(run: Run, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`full_weights` as the plain DiT's state dict (a LoRA run's update merged in)."""
+    if not run.cfg.lora.enabled:
+        return weights
+    from sana.training.lora import merged_weights
+
+    return merged_weights(run.core, weights)
 
 
 def transformer_with(config: Any, weights: dict[str, torch.Tensor], device: torch.device) -> SanaDiT:
@@ -311,8 +311,8 @@ def validate(run: Run, step: int) -> Path | None:
         from sana.pretrained import SchedulerSpec
         from sana.weights import atomic_write
 
-        vae, text_encoder = run.validation_encoders()
-        dit = transformer_with(run.core.config, weights, run.ctx.device)
+        vae, text_encoder = run.task.validation_encoders()
+        dit = transformer_with(run.core.config, dit_weights(run, weights), run.ctx.device)
         pipe = SanaPipeline(dit, vae, text_encoder, SchedulerSpec(flow_shift=run.cfg.flow.shift))
         images = pipe(
             list(v.prompts), seed=[v.seed + i for i in range(len(v.prompts))], steps=v.steps,
@@ -330,7 +330,7 @@ def validation_possible(run: Run) -> bool:
     v = run.cfg.validation
     if not v.every:
         return False
-    if not run.validation_encoders.available:
+    if not run.task.validation_encoders.available:
         run.logger.info(
             "validation skipped: no autoencoder/text encoder to draw with; set validation.model (or "
             "model.components) to a model folder"
@@ -351,13 +351,13 @@ def checkpoint(run: Run, step: int) -> None:
     run.logger.info(f"step {step}: checkpoint -> {run.checkpoint}")
 
 
-def step_or_stop(run: Run, micro: list[FlowBatch], step: int) -> dict[str, float]:
+def step_or_stop(run: Run, micro: list[Any], step: int) -> dict[str, float]:
     """train_step, turning divergence into a TrainingError that names the last good checkpoint."""
     cfg = run.cfg
     try:
         return train_step(
-            run.model, micro, run.optimizer, timestep_scale=run.core.config.timestep_scale,
-            mixed=cfg.precision.mixed, grad_clip=cfg.optim.grad_clip, scaler=run.scaler, ctx=run.ctx,
+            run.model, micro, run.optimizer, loss_fn=run.task.loss, mixed=cfg.precision.mixed,
+            grad_clip=cfg.optim.grad_clip, scaler=run.scaler, ctx=run.ctx,
         )  # fmt: skip
     except NonFiniteLossError as e:
         last = latest_checkpoint(cfg.run_dir)
@@ -371,7 +371,6 @@ def step_or_stop(run: Run, micro: list[FlowBatch], step: int) -> dict[str, float
 
 def run_loop(run: Run) -> None:
     cfg = run.cfg
-    validating = validation_possible(run)
     for step in range(run.start_step + 1, cfg.max_steps + 1):
         lr = lr_at(step, cfg.optim, cfg.schedule, cfg.max_steps)
         set_lr(run.optimizer, lr)
@@ -379,36 +378,105 @@ def run_loop(run: Run) -> None:
         metrics = step_or_stop(run, micro, step)
         if run.ema is not None:
             update_ema(run.ema, run.core, cfg.ema.decay)
-        samples = micro[0].x0.shape[0] * run.ctx.world_size * len(micro)
+        samples = run.task.batch_size(micro[0]) * run.ctx.world_size * len(micro)
         run.logger.log(step, {**metrics, "lr": lr}, samples=samples)
         run.losses.append(metrics["loss"])
         # Validation before the checkpoint: the saved RNG state is then the one the next step starts from.
-        if validating and step % cfg.validation.every == 0:
-            validate(run, step)
+        run.task.after_step(run, step)
         if step % cfg.checkpoint.every == 0 or step == cfg.max_steps:
             checkpoint(run, step)
 
 
-def finish(run: Run) -> TrainResult:
-    """Export the final model (EMA or live weights) as a model folder and draw the loss curve."""
+def export_dit(run: Run) -> dict[str, Path | None]:
+    """The DiT's final model folder (EMA or live weights) and, for a LoRA run, its LoRA weights file."""
     cfg = run.cfg
     weights = full_weights(run, cfg.checkpoint.export_ema)
-    final = None
+    final = lora = None
     if run.ctx.is_main:
         folder = components_folder(cfg)
-        dit = transformer_with(run.core.config, weights, torch.device("cpu"))
-        final = export_model(Path(cfg.run_dir) / "final", dit, components=folder, flow_shift=cfg.flow.shift)
-        note = "" if folder else " (transformer only: no model.components to complete it)"
-        run.logger.info(f"final model -> {final}{note}")
+        if cfg.lora.enabled:
+            from sana.training.lora import export_lora
+
+            lora = export_lora(Path(cfg.run_dir) / "lora", run.core, weights)
+            run.logger.info(f"LoRA weights -> {lora}")
+        if not cfg.lora.enabled or cfg.lora.export_merged:
+            dit = transformer_with(run.core.config, dit_weights(run, weights), torch.device("cpu"))
+            final = export_model(Path(cfg.run_dir) / "final", dit, components=folder, flow_shift=cfg.flow.shift)
+            note = "" if folder else " (transformer only: no model.components to complete it)"
+            run.logger.info(f"final model -> {final}{note}")
+    return {"final_model": final, "lora": lora}
+
+
+def finish(run: Run) -> TrainResult:
+    """Export the final model (the task's export) and draw the loss curve."""
+    cfg = run.cfg
+    exports = dict(run.task.export(run))
+    if run.ctx.is_main:
         run_dir = Path(cfg.run_dir)
         png = plot_loss(run_dir / "metrics.csv", run_dir / "loss.png") if cfg.logging.plot else None
         if png is not None:
             run.logger.info(f"loss curve -> {png}")
     barrier(run.ctx)
-    return TrainResult(Path(cfg.run_dir), cfg.max_steps, run.losses, run.checkpoint, final)
+    final = exports.pop("final_model", None)
+    return TrainResult(Path(cfg.run_dir), cfg.max_steps, run.losses, run.checkpoint, final, **exports)
 
 
-def train(cfg: TrainConfig, *, data: DataSource | None = None) -> TrainResult:
+# ------------------------------------------------------------------------------------------------ task
+
+
+class DiTTask(Task):
+    """task: dit. Flow matching on (latents, caption embeddings): cached batches carry both, raw ones are encoded
+    on the fly by the frozen autoencoder and text encoder of model.components (loaded on first use)."""
+
+    cfg: TrainConfig
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, resume: Path | None = None) -> None:
+        super().__init__(cfg, ctx, resume)
+        self.encoders = Encoders(components_folder(cfg), ctx.device, cfg.model.encoders_dtype)
+        v = cfg.validation.model
+        # For validation images: validation.model, else the same as `encoders`.
+        self.validation_encoders = Encoders(Path(v), ctx.device, cfg.model.encoders_dtype) if v else self.encoders
+        self.null_text: TextEmbeddings | None = None
+        self.validating = False
+        self.timestep_scale = 1.0
+
+    def build_model(self) -> SanaDiT:
+        model = build_model(self.cfg)
+        self.timestep_scale = model.config.timestep_scale
+        return model
+
+    def describe(self) -> str:
+        cfg = self.cfg
+        where = "from scratch" if cfg.model.preset else "fine-tuning"
+        where = f"resumed from {self.resume}" if self.resume else where
+        return where + (f" (LoRA rank {cfg.lora.rank})" if cfg.lora.enabled else "")
+
+    def start(self, run: Run) -> None:
+        self.null_text = resolve_null_text(self.cfg, run.loader, self.encoders)
+        self.validating = validation_possible(run)
+
+    def micro_batch(self, batch: dict[str, Any], step: int, micro: int) -> FlowBatch:
+        """Encode (if raw), then draw the micro-batch's noise, times and caption dropout."""
+        latents, text = prepare_batch(batch, self.encoders, self.ctx.device)
+        generator = step_generator(self.cfg.seed, step, micro)
+        ctx = self.ctx
+        return make_flow_batch(latents, text, self.null_text, self.cfg.flow, generator, ctx.rank, ctx.world_size)
+
+    def batch_size(self, micro_batch: FlowBatch) -> int:
+        return micro_batch.x0.shape[0]
+
+    def loss(self, model: nn.Module, micro_batch: FlowBatch, dtype: torch.dtype) -> LossOutput:
+        return flow_forward(model, micro_batch, self.timestep_scale, dtype), {}
+
+    def after_step(self, run: Run, step: int) -> None:
+        if self.validating and step % self.cfg.validation.every == 0:
+            validate(run, step)
+
+    def export(self, run: Run) -> dict[str, Path | None]:
+        return export_dit(run)
+
+
+def train(cfg: RunConfig, *, data: DataSource | None = None) -> TrainResult:
     """Train `cfg.model` on `cfg.data` for `cfg.max_steps` optimizer steps; see the module docstring.
 
     data: a callable (seed=, rank=, world_size=) -> iterable of batches, replacing cfg.data (tests, notebooks).

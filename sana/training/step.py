@@ -14,6 +14,7 @@ The draws are made on the CPU (as the pipeline's noise is), so they do not depen
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,37 +128,54 @@ def flow_forward(model: nn.Module, batch: FlowBatch, timestep_scale: float, dtyp
     return flow_loss(prediction, target)
 
 
+LossFn = Callable[[nn.Module, Any, torch.dtype], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
 def train_step(
     model: nn.Module,
-    micro_batches: list[FlowBatch],
+    micro_batches: list[Any],
     optimizer: torch.optim.Optimizer,
     *,
+    loss_fn: LossFn | None = None,
     timestep_scale: float = 1.0,
     mixed: str = "no",
     grad_clip: float = 0.0,
     scaler: torch.amp.GradScaler | None = None,
     ctx: DistContext | None = None,
 ) -> dict[str, float]:
-    """Forward/backward over the micro-batches (accumulating), clip, step. Returns {loss, grad_norm}.
+    """Forward/backward over the micro-batches (accumulating), clip, step. Returns {loss, grad_norm, ...}.
 
-    `loss` is the mean over micro-batches and ranks. Raises NonFiniteLossError *before* the optimizer step
-    when the loss (or, without fp16 loss scaling, the gradient norm) is not finite, so the weights stay
-    those of the last good step; every rank sees the same values and stops together.
+    loss_fn(model, micro_batch, weight_dtype) -> (objective, metrics) computes one micro-batch's loss (the
+    task's `loss`, see task.py); None: the flow-matching loss of `FlowBatch`es with `timestep_scale`. The
+    reported `loss` is metrics["loss"] (else the objective) and every metric is the mean over micro-batches
+    and ranks. Raises NonFiniteLossError *before* the optimizer step when the objective, the reported loss
+    or (without fp16 loss scaling) the gradient norm is not finite, so the weights stay those of the last
+    good step; every rank sees the same values and stops together.
     """
     ctx = ctx or DistContext()
-    device = micro_batches[0].x0.device
-    weight_dtype = next(model.parameters()).dtype
+    if loss_fn is None:
+        loss_fn = lambda m, batch, dtype: (flow_forward(m, batch, timestep_scale, dtype), {})
+    param = next(model.parameters())
+    device, weight_dtype = param.device, param.dtype
     autocast = (
         torch.autocast(device.type, dtype=MIXED_DTYPES[mixed]) if mixed != "no" else contextlib.nullcontext()
     )
-    total = torch.zeros((), device=device)
+    n = len(micro_batches)
+    sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
+        last = i == n - 1
         with gradient_sync(model, enabled=last), autocast:
-            loss = flow_forward(model, batch, timestep_scale, weight_dtype) / len(micro_batches)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += loss.detach()
-    loss_value = float(mean_over_ranks(total, ctx))
+            raw, metrics = loss_fn(model, batch, weight_dtype)
+            objective = raw / n
+        (scaler.scale(objective) if scaler is not None else objective).backward()
+        metrics = {"objective": raw, "loss": raw, **metrics}
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, torch.zeros((), device=device)) + value.detach().float().to(device) / n
+    # One all-reduce for every metric (they are scalars): the values every rank reports and checks agree.
+    names = sorted(sums)
+    means = mean_over_ranks(torch.stack([sums[k] for k in names]), ctx).tolist()
+    values = dict(zip(names, means, strict=True))
+    objective_value, loss_value = values.pop("objective"), values["loss"]
 
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip and report the true gradient norm, not the scaled one
@@ -166,7 +184,7 @@ def train_step(
     # With fp16 loss scaling an infinite gradient is routine (the scaler skips the step and lowers its
     # scale); only a non-finite loss means divergence there.
     bad_norm = scaler is None and not np.isfinite(norm_value)
-    if not np.isfinite(loss_value) or bad_norm:
+    if not (np.isfinite(loss_value) and np.isfinite(objective_value)) or bad_norm:
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(f"loss {loss_value}, gradient norm {norm_value}")
     if scaler is not None:
@@ -175,4 +193,4 @@ def train_step(
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_value, "grad_norm": norm_value}
+    return {**values, "grad_norm": norm_value}

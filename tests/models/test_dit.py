@@ -210,3 +210,16 @@ def test_config_rejects_unknown_and_invalid_fields():
         DiTConfig(**{**TINY, "cross_attention_dim": 20})
     # The diffusers bookkeeping keys are accepted and ignored.
     assert config_from_dict(DiTConfig, {**TINY, "_class_name": "SanaTransformer2DModel"}) == DiTConfig(**TINY)
+
+
+def test_linear_attention_stays_float32_under_fp16_autocast():
+    # A query with all-zero ReLU features: in fp16 the 1e-15 guard would underflow and give 0/0.
+    from sana.models.attention import relu_linear_attention
+
+    q = torch.randn(1, 2, 40, 8)
+    q[0, 0, 3] = -1.0
+    k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = relu_linear_attention(q.half(), k.half(), v.half())
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), relu_linear_attention(q, k, v), rtol=1e-2, atol=1e-3)

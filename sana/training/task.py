@@ -1,0 +1,145 @@
+"""What a training task adds to the shared loop: the model, the loss of a micro-batch, and the export.
+
+`sana train` trains three kinds of model with one loop (loop.py: checkpoints, exact resume, EMA, the LR
+schedule, accumulation, mixed precision, DDP, logging, the non-finite-loss stop), selected by the run
+config's top-level `task:` key:
+
+    dit            the Sana DiT, flow matching on latents + caption embeddings   (loop.DiTTask)
+    dcae           a DC-AE autoencoder, reconstruction (+ optional perceptual and adversarial terms)   (dcae_task)
+    text_encoder   a small Gemma-2 decoder as a causal language model on captions, and its tokenizer (text_task)
+
+A task is an object with the methods of `Task` below, built by `make_task(cfg, ctx)`. The loop calls them in
+this order: build_data -> build_model -> (wrap, optimizer, EMA, resume) -> start -> per step
+{micro_batch x grad_accum_steps -> loss (inside train_step) -> after_step} -> export. Everything the loop
+checkpoints is the module `build_model` returns (so a task whose training needs a second network, like the
+autoencoder's discriminator, returns one module holding both); state that is not trained and not random
+(the frozen encoders, a perceptual network, a tokenizer) lives in the task.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from sana.training.distributed import DistContext, full_tensor
+from sana.training.ema import full_ema_state
+
+if TYPE_CHECKING:
+    from sana.training.loop import Run
+
+DataSource = Callable[..., Iterable[dict[str, Any]]]
+LossOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+# task name -> "module:class"; an exact-name registry, imported only for the task a run asks for.
+TASKS: dict[str, str] = {
+    "dit": "sana.training.loop:DiTTask",
+    "dcae": "sana.training.dcae_task:DCAETask",
+    "text_encoder": "sana.training.text_task:TextTask",
+}
+
+
+class Task:
+    """The per-task part of a run. `cfg` is the task's run config, `ctx` the process's place in the group,
+    `resume` the checkpoint the run continues from (None: a fresh start)."""
+
+    def __init__(self, cfg: Any, ctx: DistContext, resume: Path | None = None) -> None:
+        self.cfg, self.ctx, self.resume = cfg, ctx, resume
+
+    def build_data(self, data: DataSource | None) -> Iterable[dict[str, Any]]:
+        """This rank's infinite batch iterator: `data(seed=, rank=, world_size=)` when given, else cfg.data
+        through sana.data.build_loader."""
+        return open_data(self.cfg, data, rank=self.ctx.rank, world_size=self.ctx.world_size)
+
+    def build_model(self) -> nn.Module:
+        """The module to train, seeded identically on every rank, on the CPU, in training mode."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """How the run starts, for the first log line ("from scratch", "resumed from ...")."""
+        return f"resumed from {self.resume}" if self.resume else "from scratch"
+
+    def start(self, run: Run) -> None:
+        """Called once the model, optimizer and resumed state are in place (load frozen helpers here)."""
+
+    def micro_batch(self, batch: dict[str, Any], step: int, micro: int) -> Any:
+        """A data batch -> the model-ready micro-batch `micro` of optimizer step `step`, on the device."""
+        raise NotImplementedError
+
+    def batch_size(self, micro_batch: Any) -> int:
+        """Rows of a micro-batch on this rank (for the samples/s column)."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, micro_batch: Any, dtype: torch.dtype) -> LossOutput:
+        """(objective to backpropagate, metrics) of one micro-batch. `model` is the trained module as wrapped
+        for DDP (call it, do not reach inside, so gradients are synchronised); `dtype` its weights' dtype.
+        metrics["loss"] is the number the run reports per step (the objective when absent); every metric is a
+        detached scalar tensor and is averaged over micro-batches and ranks."""
+        raise NotImplementedError
+
+    def after_step(self, run: Run, step: int) -> None:
+        """After each optimizer step and EMA update, before the checkpoint (validation images go here)."""
+
+    def export(self, run: Run) -> dict[str, Path | None]:
+        """Write the final model under `RUN/` (rank 0) and return {TrainResult field: path}. Called on every
+        rank: gathering sharded weights is a collective."""
+        raise NotImplementedError
+
+
+def make_task(cfg: Any, ctx: DistContext, resume: Path | None = None) -> Task:
+    module, _, name = TASKS[cfg.task].partition(":")
+    return getattr(importlib.import_module(module), name)(cfg, ctx, resume)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def open_data(cfg: Any, data: DataSource | None, *, rank: int, world_size: int) -> Iterable[dict[str, Any]]:
+    """A batch iterator from `data` (a callable, for tests and notebooks) or from cfg.data (sana.data)."""
+    from sana.config import ConfigError
+
+    if data is not None:
+        return data(seed=cfg.seed, rank=rank, world_size=world_size)
+    if cfg.data is None:
+        raise ConfigError("the run config has no data section")
+    from sana.data import build_loader
+
+    return build_loader(cfg.data, seed=cfg.seed, rank=rank, world_size=world_size)
+
+
+def trained_weights(
+    core: nn.Module, ema: dict[str, torch.Tensor] | None, use_ema: bool
+) -> dict[str, torch.Tensor]:
+    """Whole CPU tensors of every parameter of `core`, the trained ones from the EMA when asked (a collective
+    under FSDP: every rank calls it). Frozen parameters have no EMA and come from the model."""
+    weights = {name: full_tensor(p.detach()).cpu() for name, p in core.named_parameters()}
+    if use_ema and ema is not None:
+        weights.update(full_ema_state(ema))
+    return weights
+
+
+def sub_state(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under `prefix.` with the prefix removed: one submodule's state dict."""
+    cut = len(prefix) + 1
+    return {k[cut:]: v for k, v in weights.items() if k.startswith(prefix + ".")}
+
+
+def publish_folder(tmp: Path, final: Path) -> Path:
+    """Rename the finished folder `tmp` onto `final` (atomically replacing an older export); returns `final`."""
+    from sana.training.checkpoint import _publish  # the checkpoints' own atomic rename-into-place
+
+    _publish(tmp, final)
+    return final
+
+
+def temporary_folder(final: Path) -> Path:
+    """An empty `.tmp-NAME` folder beside `final`, to write an export into before `publish_folder`."""
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
