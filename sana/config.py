@@ -51,14 +51,19 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return {f.name: _thaw(getattr(config, f.name)) for f in dataclasses.fields(config)}
 
 
-def read_config(cls: type[T], path: str | Path) -> T:
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A JSON object from a file, or a one-line ConfigError naming the file."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"missing config file: {path}") from None
+        raise ConfigError(f"missing {path}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object")
-    return config_from_dict(cls, data, source=str(path))
+    return data
+
+
+def read_config(cls: type[T], path: str | Path) -> T:
+    return config_from_dict(cls, read_json(path), source=str(path))

@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
-from sana.config import ConfigError
+from sana.config import ConfigError, read_json
 from sana.models.dcae import DCAE
 from sana.models.dit import SanaDiT
 from sana.models.text_encoder import DEFAULT_INSTRUCTION, TextEncoder
-from sana.weights import CheckpointError, load_model, parse_dtype, read_json, save_model, write_json
+from sana.weights import CheckpointError, load_model, parse_dtype, save_model, write_json
 
 # The scheduler config of the published Sana 1.0 folders (DPM-Solver++ 2M on flow sigmas).
 _DPM_SCHEDULER = {

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from sana import __version__
-from sana.config import ConfigError, config_to_dict, read_config
+from sana.config import config_to_dict, read_config
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -211,15 +211,3 @@ def save_model(model: SavableModel, folder: str | Path, *, dtype: torch.dtype | 
     state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
     atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     write_json(folder / CONFIG_NAME, component_config(model))
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"missing {path}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
-    return data

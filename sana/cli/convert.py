@@ -20,9 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sana.config import read_json
     from sana.convert import convert_checkpoint, flow_shift_for
     from sana.pretrained import SchedulerSpec, resolve_model_dir
-    from sana.weights import parse_dtype, read_json, save_model, write_json
+    from sana.weights import parse_dtype, save_model, write_json
 
     out = Path(args.output)
     base = resolve_model_dir(args.base) if args.base else None  # fail on a bad --base before the heavy part

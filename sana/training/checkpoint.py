@@ -298,8 +298,9 @@ def export_model(
     `transformer/` and the scheduler are written. The scheduler keeps the components' sampler with the
     training time shift (training and sampling use the same shift). Written beside and renamed into place.
     """
+    from sana.config import read_json
     from sana.pretrained import SchedulerSpec, load_components
-    from sana.weights import read_json, save_model, write_json
+    from sana.weights import save_model, write_json
 
     folder = Path(folder)
     tmp = folder.with_name(f".tmp-{folder.name}")
