@@ -14,6 +14,8 @@ LoRA run resumes into a LoRA run with the same targets. The optimizer and the EM
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -84,7 +86,7 @@ def merged_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[s
     return base
 
 
-def export_lora(folder, model: nn.Module, weights: dict[str, torch.Tensor]):
+def export_lora(folder: str | Path, model: nn.Module, weights: dict[str, torch.Tensor]) -> Path:
     """Write the LoRA layers of `weights` as `folder/pytorch_lora_weights.safetensors` (alpha / rank folded into
     lora_B, float32); returns the file."""
     _, layers = split_lora(model, weights)
