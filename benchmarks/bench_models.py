@@ -23,6 +23,7 @@ import datetime
 import platform
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -84,6 +85,12 @@ def interleaved_medians(ours: Callable[[], object], theirs: Callable[[], object]
         for fn, times in pair if r % 2 == 0 else pair[::-1]:
             times.append(_time_once(fn))
     return statistics.median(t_ours), statistics.median(t_theirs)
+
+
+def progress(r: Result) -> Result:
+    """One line per finished workload on stderr: a full run takes many minutes on a small machine."""
+    print(f"  {r.name}: ours {r.ours_s:.2f} s, diffusers {r.theirs_s:.2f} s, ratio {r.ratio:.3f}", file=sys.stderr)
+    return r
 
 
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -194,7 +201,7 @@ def bench_dit(rounds: int, warmup: int) -> tuple[list[Result], DitArithmetic]:
                 with FlopCounterMode(display=False) as counter:
                     run_ours()
             ours_s, theirs_s = interleaved_medians(run_ours, run_theirs, rounds, warmup)
-            results.append(Result(name, ours_s, theirs_s, err))
+            results.append(progress(Result(name, ours_s, theirs_s, err)))
     flops = DitArithmetic(
         ours=dit_flops(cfg, DIT_BATCH, DIT_SIDE, TEXT_VALID),
         theirs=dit_flops(cfg, DIT_BATCH, DIT_SIDE, TEXT_LEN),
@@ -225,7 +232,7 @@ def bench_dcae(rounds: int, warmup: int) -> Result:
     with torch.inference_mode():
         err = max_rel_err(run_ours(), run_theirs())
         ours_s, theirs_s = interleaved_medians(run_ours, run_theirs, rounds, warmup)
-    return Result("DC-AE decode", ours_s, theirs_s, err)
+    return progress(Result("DC-AE decode", ours_s, theirs_s, err))
 
 
 # ------------------------------------------------------------------------------------------------ report
