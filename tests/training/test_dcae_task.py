@@ -85,9 +85,10 @@ def test_export_loads_in_sana_and_diffusers_with_the_same_decode(cli_run):
 
 
 def test_scaling_factor_gives_unit_std_latents(cli_run, images):
+    from sana.config import read_json
     from sana.data import DataConfig, build_loader
     from sana.models.dcae import DCAE
-    from sana.weights import load_model, read_json
+    from sana.weights import load_model
 
     config = read_json(cli_run / "final" / "vae" / "config.json")
     vae = load_model(DCAE, cli_run / "final" / "vae")

@@ -46,7 +46,7 @@ def cli_run(captions, tmp_path_factory) -> Path:
 
 
 def test_language_model_loss_decreases(cli_run):
-    from sana.weights import read_json
+    from sana.config import read_json
 
     losses = [row["loss"] for row in read_metrics(cli_run / "metrics.csv")]
     vocab = read_json(cli_run / "final" / "text_encoder" / "config.json")["vocab_size"]
@@ -56,8 +56,8 @@ def test_language_model_loss_decreases(cli_run):
 
 
 def test_export_loads_in_text_encoder(cli_run):
+    from sana.config import read_json
     from sana.models.text_encoder import TextEncoder
-    from sana.weights import read_json
 
     final = cli_run / "final"
     assert read_json(final / "text_encoder" / "config.json")["architectures"] == ["Gemma2Model"]
