@@ -188,12 +188,14 @@ def _per_stage(value: str | tuple[str, ...], n: int) -> tuple[str, ...]:
 class ChannelRMSNorm(RMSNorm):
     """RMSNorm (with bias) over the channel dim of a (B, C, H, W) map: the statistic is per pixel.
 
-    Same parameters and precision policy as the parent; the reduction runs over dim 1 directly and the affine
-    part is one fused multiply-add, because at decoder resolution every extra full-size pass is measurable."""
+    Same parameters and precision policy as the parent; the reduction runs over dim 1 directly, the sum of
+    squares is one fused reduction (no full-size x**2 is materialised) and the affine part is one fused
+    multiply-add, because at decoder resolution every extra full-size pass is measurable."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        inv_rms = torch.rsqrt(xf.square().mean(1, keepdim=True).add_(self.eps))  # (B, 1, H, W)
+        l2 = torch.linalg.vector_norm(xf, dim=1, keepdim=True)  # (B, 1, H, W); not in place: autograd keeps it
+        inv_rms = torch.rsqrt(l2.square() / x.shape[1] + self.eps)  # (B, 1, H, W)
         y = (xf * inv_rms).to(x.dtype)  # (B, C, H, W)
         weight = self.weight.to(x.dtype)[:, None, None]
         if self.bias is None:
