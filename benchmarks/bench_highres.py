@@ -35,6 +35,7 @@ import re
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -152,20 +153,27 @@ def predict(records: list[DecodeRecord], side: int) -> float:
     return a.model_gb + (a.peak_gb - a.model_gb) * (side / a.side) ** 2
 
 
-def measure_untiled(side: int, threads: int | None, where: str) -> list[DecodeRecord]:
-    """diffusers untiled at side/4, then side/2 and side while the prediction says they fit in RAM."""
-    done = [measure("diffusers", side // 4, 0, threads, where)]
+def measure_untiled(
+    side: int, threads: int | None, where: str, done: list[DecodeRecord], save: Callable[[], None]
+) -> None:
+    """diffusers untiled at side/4, then side/2 and side while the prediction says they fit in RAM; appends
+    to `done` and saves after each."""
+    mine = [measure("diffusers", side // 4, 0, threads, where)]
+    done.append(mine[-1])
+    save()
     for s in (side // 2, side):
-        if done[-1].peak_gb is None:
+        if mine[-1].peak_gb is None:
             break
-        need, free = predict(done, s), psutil.virtual_memory().available / GB
+        need, free = predict(mine, s), psutil.virtual_memory().available / GB
         if need > FIT_MARGIN * free:
             print(f"  not running {s}x{s} untiled: needs ~{need:.1f} GB, {free:.1f} GB available", flush=True)
-            note = f"extrapolated from {', '.join(f'{r.side}^2' for r in done)}: not run, {free:.0f} GB available"
+            note = f"extrapolated from {', '.join(f'{r.side}^2' for r in mine)}: not run, {free:.0f} GB available"
             done.append(DecodeRecord("diffusers, untiled", s, need, None, None, where, note))
+            save()
             break
-        done.append(measure("diffusers", s, 0, threads, where))
-    return done
+        mine.append(measure("diffusers", s, 0, threads, where))
+        done.append(mine[-1])
+        save()
 
 
 def tiling_accuracy(side: int, tile: int, device: str) -> dict:
@@ -304,6 +312,7 @@ def main() -> None:
     p.add_argument("--skip-ours", action="store_true", help="no decode with this project's tiling")
     p.add_argument("--skip-diffusers-untiled", action="store_true", help="no untiled diffusers decodes")
     p.add_argument("--skip-diffusers-tiled", action="store_true", help="no diffusers enable_tiling() decode")
+    p.add_argument("--diffusers-tiled-side", type=int, default=None, help="side of that decode (default --side)")
     p.add_argument("--skip-dit", action="store_true", help="no DiT step timing")
     p.add_argument("--dit-layers", type=int, default=4, help="DiT blocks (the 600M model has 28)")
     p.add_argument("--rounds", type=int, default=5, help="timed DiT rounds per model (>= 5)")
@@ -324,22 +333,29 @@ def main() -> None:
     decodes: list[DecodeRecord] = []
     accuracy: list[dict] = []
     dit = None
-    if not args.skip_dit:  # first: the short part, timed before the long decodes
+
+    def save() -> None:  # after every measurement, so an interrupted run keeps what it measured
+        if args.json:
+            data = {"decodes": [dataclasses.asdict(r) for r in decodes], "accuracy": accuracy, "dit": dit}
+            args.json.write_text(json.dumps(data, indent=1))
+
+    if not args.skip_dit:  # first: the short part
         dit = dit_step(args.dit_layers, args.rounds, where)
         print(f"DiT step: ours {dit['ours_s']:.2f} s, diffusers {dit['theirs_s']:.2f} s, "
               f"ratio {dit['ours_s'] / dit['theirs_s']:.3f}", flush=True)  # fmt: skip
+        save()
     if not args.skip_ours:
         decodes.append(measure("ours", args.side, args.tile, args.threads, where))
-    if not args.skip_diffusers_tiled:
-        decodes.append(measure("diffusers-tiled", args.side, args.tile, args.threads, where))
+        save()
     if not args.skip_diffusers_untiled:
-        decodes += measure_untiled(args.side, args.threads, where)
+        measure_untiled(args.side, args.threads, where, decodes, save)
+    if not args.skip_diffusers_tiled:
+        decodes.append(measure("diffusers-tiled", args.diffusers_tiled_side or args.side, 0, args.threads, where))
+        save()
     if args.accuracy_side:
         accuracy.append(tiling_accuracy(args.accuracy_side, args.tile, args.accuracy_device))
         print(accuracy[-1], flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"decodes": [dataclasses.asdict(r) for r in decodes], "accuracy": accuracy,
-                                         "dit": dit}, indent=1))  # fmt: skip
+        save()
     for path in args.include:
         other = json.loads(path.read_text())
         decodes += [DecodeRecord(**r) for r in other["decodes"]]

@@ -23,8 +23,8 @@ from sana.images import to_pil
 from sana.models.dcae import DCAE
 from sana.models.dcae_tiling import DEFAULT_TILE, check_tile
 from sana.models.dit import AttentionPerturbation, SanaDiT
-from sana.models.text_encoder import DEFAULT_INSTRUCTION, TextEncoder
-from sana.pretrained import SchedulerSpec, load_components
+from sana.models.text_encoder import TextEncoder
+from sana.pretrained import MODEL_INSTRUCTION, InstructionChoice, SchedulerSpec, load_components
 from sana.samplers import SAMPLERS, Callback
 from sana.samplers.guidance import batched_guidance, classifier_free_guidance, uses_guidance
 from sana.samplers.schedules import dpm_flow_sigmas, euler_flow_sigmas, model_timesteps, scm_timesteps
@@ -168,7 +168,7 @@ class SanaPipeline:
         *,
         dtype: torch.dtype | str = torch.float32,
         device: torch.device | str = "cpu",
-        instruction: str | None = DEFAULT_INSTRUCTION,
+        instruction: InstructionChoice = MODEL_INSTRUCTION,
         offload_text_encoder: bool = False,
     ) -> SanaPipeline:
         parts = load_components(path_or_id, dtype=dtype, device=device, instruction=instruction)

@@ -6,13 +6,21 @@
     text_encoder/ a transformers Gemma-2 decoder folder
     tokenizer/    a transformers tokenizer folder
     scheduler/    scheduler_config.json                              (which sampler, which time shift)
+    instruction.json   optional, ours: {"complex_human_instruction": null | "text"}
 
 The same folder loads in diffusers' `SanaPipeline.from_pretrained` (tested), and a folder diffusers wrote
 loads here. A Hub id is fetched with huggingface_hub where a network exists; everything else is local.
+
+The instruction (CHI) prefix is part of what a model was trained with, so a folder may say which one it
+expects: `instruction.json` holds the text (or null: captions were encoded bare, as for the shipped shapes
+model, whose small text encoder never saw an instruction). Without that file a model gets
+`DEFAULT_INSTRUCTION`, as the published Sana models do. diffusers ignores the file; pass its value as
+`complex_human_instruction` there (null -> None) to get the same image.
 """
 
 from __future__ import annotations
 
+import enum
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +120,43 @@ class SanaComponents:
 
 
 PARTS = ("transformer", "vae", "text_encoder")
+INSTRUCTION_FILE = "instruction.json"
+_INSTRUCTION_KEY = "complex_human_instruction"
+
+
+class _FromModel(enum.Enum):
+    INSTRUCTION = "the instruction the model folder declares"
+
+
+# `instruction=` default: what the folder's instruction.json says, else DEFAULT_INSTRUCTION.
+MODEL_INSTRUCTION = _FromModel.INSTRUCTION
+InstructionChoice = str | None | _FromModel
+
+
+def choose_instruction(no_chi: bool = False, chi_file: str | None = None) -> InstructionChoice:
+    """The CLIs' --no-chi / --chi-file flags as an `instruction=` value (neither: the model's own)."""
+    from sana.models.text_encoder import load_instruction
+
+    if no_chi and chi_file:
+        raise ValueError("--no-chi and --chi-file contradict each other: give one")
+    return None if no_chi else load_instruction(chi_file) if chi_file else MODEL_INSTRUCTION
+
+
+def model_instruction(root: Path) -> str | None:
+    """The instruction a model folder declares in instruction.json; DEFAULT_INSTRUCTION without the file."""
+    path = root / INSTRUCTION_FILE
+    if not path.is_file():
+        return DEFAULT_INSTRUCTION
+    text = read_json(path).get(_INSTRUCTION_KEY, DEFAULT_INSTRUCTION)
+    if text is not None and not isinstance(text, str):
+        raise ConfigError(f"{path}: {_INSTRUCTION_KEY} must be a string or null, got {type(text).__name__}")
+    return text
+
+
+def write_instruction(folder: str | Path, instruction: str | None) -> None:
+    """Declare the instruction a model folder was trained with (see the module docstring)."""
+    write_json(Path(folder) / INSTRUCTION_FILE, {_INSTRUCTION_KEY: instruction})
+
 
 # Where the package's own small model lives once it is trained and shipped (see the README).
 SHIPPED_MODEL_DIR = Path(__file__).parent / "assets" / "shapes-model"
@@ -160,9 +205,10 @@ def load_components(
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
     parts: tuple[str, ...] = PARTS,
-    instruction: str | None = DEFAULT_INSTRUCTION,
+    instruction: InstructionChoice = MODEL_INSTRUCTION,
 ) -> SanaComponents:
-    """Load the requested parts of a model folder (local path or Hub id) in `dtype` on `device`."""
+    """Load the requested parts of a model folder (local path or Hub id) in `dtype` on `device`; the text
+    encoder prefixes `instruction` (by default the folder's own, see `model_instruction`)."""
     bad = sorted(set(parts) - set(PARTS))
     if bad:
         raise ValueError(f"unknown part(s) {bad}; choose from {PARTS}")
@@ -177,6 +223,8 @@ def load_components(
         out.transformer = load_model(SanaDiT, root / "transformer", dtype=dtype, device=device)
     if "vae" in parts:
         out.vae = load_model(DCAE, root / "vae", dtype=dtype, device=device)
+    if instruction is MODEL_INSTRUCTION:
+        instruction = model_instruction(root)
     if "text_encoder" in parts:
         out.text_encoder = TextEncoder.from_pretrained(
             root / "text_encoder", root / "tokenizer", dtype=dtype, device=device, instruction=instruction

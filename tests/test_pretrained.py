@@ -79,3 +79,33 @@ def test_scheduler_spec_rejects_what_it_cannot_run():
         SchedulerSpec.from_dict({"_class_name": "DDIMScheduler"})
     with pytest.raises(ConfigError, match="not a flow model"):
         SchedulerSpec.from_dict({"_class_name": "DPMSolverMultistepScheduler", "use_flow_sigmas": False})
+
+
+def test_the_folder_declares_its_instruction(tmp_path):
+    """instruction.json decides the CHI prefix unless the caller says otherwise; no file: the default text."""
+    from sana.models.text_encoder import DEFAULT_INSTRUCTION
+    from sana.pretrained import choose_instruction, model_instruction, write_instruction
+
+    save_components(tiny_components(seed=0), tmp_path)
+    assert model_instruction(tmp_path) == DEFAULT_INSTRUCTION
+    assert load_components(tmp_path, parts=("text_encoder",)).text_encoder.instruction == DEFAULT_INSTRUCTION
+
+    write_instruction(tmp_path, None)
+    assert json.loads((tmp_path / "instruction.json").read_text()) == {"complex_human_instruction": None}
+    assert load_components(tmp_path, parts=("text_encoder",)).text_encoder.instruction is None
+    forced = load_components(tmp_path, parts=("text_encoder",), instruction="Describe: ")
+    assert forced.text_encoder.instruction == "Describe: "
+
+    write_instruction(tmp_path, "Say it well: ")
+    assert model_instruction(tmp_path) == "Say it well: "
+    (tmp_path / "instruction.json").write_text('{"complex_human_instruction": 3}')
+    with pytest.raises(ConfigError, match="must be a string or null"):
+        model_instruction(tmp_path)
+
+    chi = tmp_path / "chi.txt"
+    chi.write_text("Exactly this:\n")
+    assert choose_instruction(no_chi=True) is None
+    assert choose_instruction(chi_file=str(chi)) == "Exactly this:\n"
+    assert choose_instruction() is not None and not isinstance(choose_instruction(), str)  # the model's own
+    with pytest.raises(ValueError, match="contradict"):
+        choose_instruction(no_chi=True, chi_file=str(chi))

@@ -26,8 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="images / captions per encoder call (default: 8)")
     p.add_argument("--device", help="torch device (default: cpu)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="encoder and storage dtype (default: fp32)")
-    p.add_argument("--no-chi", action="store_true", help="encode captions without the instruction")
-    p.add_argument("--chi-file", help="use this file's exact contents as the complex human instruction")
+    p.add_argument("--no-chi", action="store_true", default=None, help="encode captions without the instruction")
+    p.add_argument("--chi-file", help="this file's exact contents as the instruction (default: the model's own)")
 
 
 def cache_config(args: argparse.Namespace):

@@ -43,14 +43,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--n-per-category and --batch-size must be >= 1")
     if args.save_images and not args.out:
         raise ValueError("--save-images needs --out")
-    from sana.models.text_encoder import DEFAULT_INSTRUCTION, load_instruction
     from sana.pipeline import SanaPipeline
-    from sana.pretrained import default_model
+    from sana.pretrained import choose_instruction, default_model
     from sana.shapes.evaluate import evaluate_shapes
 
-    instruction = (
-        None if args.no_chi else load_instruction(args.chi_file) if args.chi_file else DEFAULT_INSTRUCTION
-    )
+    instruction = choose_instruction(args.no_chi, args.chi_file)
     pipe = SanaPipeline.from_pretrained(
         args.model or default_model(), dtype=args.dtype, device=args.device, instruction=instruction
     )

@@ -77,13 +77,10 @@ def run(args: argparse.Namespace) -> int:
     paths = output_paths(args.output, prompts, args.images_per_prompt, seeds)
 
     from sana.images import save_image
-    from sana.models.text_encoder import DEFAULT_INSTRUCTION, load_instruction
     from sana.pipeline import SanaPipeline, check_settings
-    from sana.pretrained import default_model
+    from sana.pretrained import choose_instruction, default_model
 
-    instruction = (
-        None if args.no_chi else load_instruction(args.chi_file) if args.chi_file else DEFAULT_INSTRUCTION
-    )
+    instruction = choose_instruction(args.no_chi, args.chi_file)
     # Cheap checks first: a bad setting must not cost a model load.
     check_settings(
         height=32 if args.height is None else args.height,

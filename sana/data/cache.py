@@ -65,8 +65,8 @@ class CacheConfig:
     batch_size: int = 8  # images (and captions) per encoder call
     device: str = "cpu"
     dtype: str = "fp32"  # compute and storage dtype of both encoders
-    chi: bool = True  # prefix captions with the complex human instruction, as training and sampling do
-    chi_file: str | None = None  # the instruction text, if not the default
+    chi: bool | None = None  # the instruction prefix: None = the model folder's own (sana.pretrained), or on/off
+    chi_file: str | None = None  # the instruction text, if not the model's
 
     def __post_init__(self) -> None:
         if self.shard_size < 1 or self.batch_size < 1:
@@ -350,10 +350,12 @@ class CachedSamples:
 
 def load_encoders(cfg: CacheConfig) -> tuple[Any, Any]:
     """The (vae, text_encoder) of `cfg.model` on `cfg.device` in `cfg.dtype`."""
-    from sana.models.text_encoder import DEFAULT_INSTRUCTION, load_instruction
-    from sana.pretrained import load_components
+    from sana.models.text_encoder import DEFAULT_INSTRUCTION
+    from sana.pretrained import choose_instruction, load_components
 
-    instruction = None if not cfg.chi else load_instruction(cfg.chi_file) if cfg.chi_file else DEFAULT_INSTRUCTION
+    instruction = choose_instruction(cfg.chi is False, cfg.chi_file)
+    if cfg.chi and not cfg.chi_file:  # explicitly on: the default text, whatever the folder declares
+        instruction = DEFAULT_INSTRUCTION
     parts = load_components(
         cfg.model, dtype=cfg.dtype, device=cfg.device, parts=("vae", "text_encoder"), instruction=instruction
     )

@@ -299,7 +299,7 @@ def export_model(
     training time shift (training and sampling use the same shift). Written beside and renamed into place.
     """
     from sana.config import read_json
-    from sana.pretrained import SchedulerSpec, load_components
+    from sana.pretrained import INSTRUCTION_FILE, SchedulerSpec, load_components
     from sana.weights import save_model, write_json
 
     folder = Path(folder)
@@ -311,6 +311,8 @@ def export_model(
         components = Path(components)
         for part in ("vae", "text_encoder", "tokenizer"):
             shutil.copytree(components / part, tmp / part, copy_function=_link_or_copy)
+        if (components / INSTRUCTION_FILE).is_file():  # the captions were encoded with it: keep it with the model
+            shutil.copy2(components / INSTRUCTION_FILE, tmp / INSTRUCTION_FILE)
         base = load_components(components, parts=()).scheduler
         scheduler = SchedulerSpec(sampler=base.sampler, flow_shift=flow_shift, sigma_data=base.sigma_data)
         index = read_json(components / "model_index.json")

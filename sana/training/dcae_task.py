@@ -70,9 +70,10 @@ from sana.weights import load_model, parse_dtype, save_model
 
 # The autoencoder of the shipped flat-shapes model: 32x compression, 32 latent channels (256^2 -> 8x8x32), the
 # published f32c32 layout (3 convolutional stages, then 3 linear-attention stages; strided-conv down,
-# interpolating up) at one block per stage and widths 8..128 instead of 128..1024: 2.0M parameters and about
-# 2.6 GFLOP per 256^2 image forward (the published one: 312M, ~1 TFLOP), enough for flat-coloured shapes and
-# trainable on a CPU. scaling_factor is set from the data after training.
+# interpolating up) at widths 8..128 instead of 128..1024, one block per stage and none at full resolution
+# (as in the published dc-ae-f32c32-in-1.0): 2.0M parameters, 1.8 s per training step of 8 images on one CPU
+# core, 35% less than with a full-resolution block. Enough for flat-coloured shapes. scaling_factor is set from
+# the data after training.
 _SHAPES_WIDTHS = (8, 16, 32, 64, 128, 128)
 SHAPES_F32C32 = DCAEConfig(
     in_channels=3,
@@ -82,8 +83,8 @@ SHAPES_F32C32 = DCAEConfig(
     decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
     encoder_block_out_channels=_SHAPES_WIDTHS,
     decoder_block_out_channels=_SHAPES_WIDTHS,
-    encoder_layers_per_block=(1, 1, 1, 1, 1, 1),
-    decoder_layers_per_block=(1, 1, 1, 1, 1, 1),
+    encoder_layers_per_block=(0, 1, 1, 1, 1, 1),
+    decoder_layers_per_block=(0, 1, 1, 1, 1, 1),
     encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
     decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
     upsample_block_type="interpolate",
