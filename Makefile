@@ -4,7 +4,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: demo test test-slow lint format bench clean
+.PHONY: demo test test-slow lint format bench shapes-model clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -36,6 +36,11 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_models.py
+
+# The shipped model from nothing (data, text encoder, autoencoder, cache, DiT, fp16 export into
+# sana/assets/shapes-model); resumable: run it again after an interruption. See sana/shapes/build.py.
+shapes-model: $(STAMP)
+	$(PY) -m sana.shapes.build
 
 clean:
 	rm -rf .venv out .pytest_cache .ruff_cache

@@ -40,11 +40,10 @@ from pathlib import Path
 
 import psutil
 import torch
+from docs_section import write_section
 
 from sana.models.dcae_tiling import DEFAULT_TILE
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-START, END = "<!-- bench_highres:start -->", "<!-- bench_highres:end -->"
 DCAE_NAME = "dc-ae-f32c32-sana-1.0"
 FIT_MARGIN = 0.8  # run an untiled decode only if its predicted peak is below this share of the available RAM
 GB = 1e9
@@ -289,21 +288,6 @@ changes the image.
 {acc}{dit_text}"""
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) this script's marked section of docs/benchmarks.md, leaving other sections alone."""
-    block = f"{START}\n{text.rstrip()}\n{END}\n"
-    doc = (
-        DOC.read_text() if DOC.exists() else "# Benchmarks\n\nFigures measured by the scripts in `benchmarks/`.\n"
-    )
-    if START in doc and END in doc:
-        head, rest = doc.split(START, 1)
-        doc = head + block + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        doc = doc.rstrip() + "\n\n" + block
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(doc)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--side", type=int, default=4096, help="image side in pixels (multiple of 128)")
@@ -364,8 +348,7 @@ def main() -> None:
     text = report(decodes, dit, accuracy, args.tile, args.side)
     print(text)
     if not args.no_write:
-        write_section(text)
-        print(f"wrote {DOC}")
+        print(f"wrote {write_section('bench_highres', text)}")
 
 
 if __name__ == "__main__":

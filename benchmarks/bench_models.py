@@ -30,15 +30,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from docs_section import write_section
 from torch.utils.flop_counter import FlopCounterMode
 
 from sana.config import config_to_dict
 from sana.models.dcae import DCAE, DCAE_PRESETS
 from sana.models.dit import DIT_PRESETS, DiTConfig, SanaDiT
 from sana.types import TextEmbeddings
-
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-START, END = "<!-- bench_models:start -->", "<!-- bench_models:end -->"
 
 DIT_LAYERS, DIT_BATCH, DIT_SIDE, TEXT_LEN, TEXT_VALID = 4, 2, 32, 300, 40
 DCAE_SIDE = 16
@@ -285,21 +283,6 @@ count on CPU), {flops.theirs / 1e9:.1f} GFLOP as diffusers runs it. Achieved: **
 """
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) the marked section of docs/benchmarks.md, leaving other sections alone."""
-    block = f"{START}\n{text.rstrip()}\n{END}\n"
-    doc = (
-        DOC.read_text() if DOC.exists() else "# Benchmarks\n\nFigures measured by the scripts in `benchmarks/`.\n"
-    )
-    if START in doc and END in doc:
-        head, rest = doc.split(START, 1)
-        doc = head + block + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        doc = doc.rstrip() + "\n\n" + block
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(doc)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per model (median taken; >= 5)")
@@ -338,8 +321,7 @@ def main() -> None:
         if r.max_rel_err > 1e-4:
             print(f"WARNING: {r.name}: outputs differ by {r.max_rel_err:.1e} of max |diffusers|")
     if not args.no_write and args.only is None and flops is not None:
-        write_section(report(results, flops, peak, peak_shape, args.rounds))
-        print(f"wrote {DOC}")
+        print(f"wrote {write_section('bench_models', report(results, flops, peak, peak_shape, args.rounds))}")
 
 
 if __name__ == "__main__":

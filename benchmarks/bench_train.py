@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from docs_section import write_section
 
 from sana.config import config_to_dict
 from sana.models.dit import DIT_PRESETS, SanaDiT
@@ -36,9 +37,6 @@ from sana.training.config import FlowConfig, OptimConfig
 from sana.training.optim import build_optimizer
 from sana.training.step import FlowBatch, make_flow_batch, step_generator, train_step
 from sana.types import TextEmbeddings
-
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-START, END = "<!-- bench_train:start -->", "<!-- bench_train:end -->"
 
 LAYERS, BATCH, SIDE, TEXT_LEN, VALID = 4, 4, 16, 300, (300, 200, 120, 60)
 FLOW = FlowConfig(caption_dropout=0.1)
@@ -169,23 +167,7 @@ def main() -> None:
     print(f"reference {r['theirs_s']:.3f} s/step, {theirs:.3g} samples/s (load average {r['load']:.1f})")
     print(f"ratio ours/reference {ours / theirs:.3f}; first-step losses {r['loss'][0]:.5f} / {r['loss'][1]:.5f}")
     if not args.no_write:
-        write_section(report(r))
-        print(f"wrote {DOC}")
-
-
-def write_section(text: str) -> None:
-    """Replace (or append) this script's marked section of docs/benchmarks.md, leaving other sections alone."""
-    block = f"{START}\n{text.rstrip()}\n{END}\n"
-    doc = (
-        DOC.read_text() if DOC.exists() else "# Benchmarks\n\nFigures measured by the scripts in `benchmarks/`.\n"
-    )
-    if START in doc and END in doc:
-        head, rest = doc.split(START, 1)
-        doc = head + block + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        doc = doc.rstrip() + "\n\n" + block
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(doc)
+        print(f"wrote {write_section('bench_train', report(r))}")
 
 
 if __name__ == "__main__":

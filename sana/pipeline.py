@@ -223,10 +223,8 @@ class SanaPipeline:
 
     # ------------------------------------------------------------------------------------------- sampling
 
-    def velocity_fn(
-        self, text: TextEmbeddings, settings: GenerationSettings, batch: int
-    ) -> tuple[VelocityFn, bool]:
-        """The guided velocity function for this call, and whether the text batch is [uncond; cond].
+    def velocity_fn(self, text: TextEmbeddings, settings: GenerationSettings, batch: int) -> VelocityFn:
+        """The guided velocity function for this call.
 
         `text` holds, branch by branch, what the model must see: [cond], [uncond; cond], or with PAG an extra
         cond branch whose self-attention is perturbed.
@@ -253,15 +251,15 @@ class SanaPipeline:
             return model(x.to(self.dtype), t.to(self.device, torch.float32), text, guidance, perturbation)
 
         if branches == 1:
-            return model_fn, guided
+            return model_fn
         s, p = settings.guidance_scale, settings.pag_scale
         if guided and not pag:
-            return classifier_free_guidance(model_fn, s), guided
+            return classifier_free_guidance(model_fn, s)
         if guided:
-            combine = lambda u, c, perturbed: u + s * (c - u) + p * (c - perturbed)  # noqa: E731
+            combine = lambda u, c, perturbed: u + s * (c - u) + p * (c - perturbed)
         else:
-            combine = lambda c, perturbed: c + p * (c - perturbed)  # noqa: E731
-        return batched_guidance(model_fn, branches, combine), guided
+            combine = lambda c, perturbed: c + p * (c - perturbed)
+        return batched_guidance(model_fn, branches, combine)
 
     def sample(
         self,
@@ -364,7 +362,7 @@ class SanaPipeline:
         branches = ([embeds[1].repeat(images_per_prompt)] if guided else []) + [cond]
         if settings.pag_scale > 0:
             branches.append(cond)
-        velocity, _ = self.velocity_fn(TextEmbeddings.cat(branches), settings, n)
+        velocity = self.velocity_fn(TextEmbeddings.cat(branches), settings, n)
 
         # SCM re-noises between steps and keeps drawing from the same generators, as the reference does.
         noise = latents.float() if latents is not None else initial_noise(generators, n, latent_shape)

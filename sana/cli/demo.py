@@ -1,8 +1,9 @@
 """`sana demo`: the quickest proof that everything works, offline.
 
-Uses the model shipped with the package when there is one; until then it builds a tiny random-weight Sana
-(same architecture, toy widths), saves it as a diffusers-layout folder, loads it back through the normal
-loading path and generates from it. A random model draws noise-like pictures: the point is the path.
+Draws the demo prompt with the model shipped with the package (sana/assets/shapes-model) and checks the picture
+with the shapes analyzer, printing what it found. A build without the shipped model instead builds a tiny
+random-weight Sana (same architecture, toy widths), saves it as a diffusers-layout folder, loads it back
+through the normal loading path and generates from it: noise-like pictures, but the same path.
 """
 
 from __future__ import annotations
@@ -35,4 +36,20 @@ def run(args: argparse.Namespace) -> int:
     image = pipe(args.prompt, seed=args.seed, steps=20)[0]
     path = save_image(image, out / "demo.png")
     print(f"{path} ({image.width}x{image.height}, prompt {args.prompt!r}, seed {args.seed})")
+    if shipped_model() is not None:
+        print(_verdict(args.prompt, image))
     return 0
+
+
+def _verdict(prompt: str, image) -> str:
+    """What the shapes analyzer sees in the picture, and whether that is what the prompt asked for."""
+    from sana.shapes.analyzer import analyze, check
+    from sana.shapes.world import parse_prompt
+
+    analysis = analyze(image)
+    seen = ", ".join(f"{o.colour} {o.shape}" for o in analysis.objects) or "no object"
+    try:
+        ok = check(parse_prompt(prompt), analysis)["correct"]
+    except ValueError:  # not a prompt of the shapes grammar: report what is there, judge nothing
+        return f"analyzer: sees {seen}"
+    return f"analyzer: sees {seen} -> {'matches' if ok else 'does NOT match'} the prompt"

@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--background-prob", type=float, default=0.0, help='share of prompts ending "on a X background"'
     )
-    s.add_argument("--no-chi", action="store_true", help="no complex human instruction (match how it was trained)")
+    s.add_argument("--no-chi", action="store_true", help="no instruction prefix (default: the model's own)")
     s.add_argument("--chi-file", help="use this file's exact contents as the complex human instruction")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute dtype")
     s.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")

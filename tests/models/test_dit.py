@@ -67,6 +67,23 @@ def test_parity_tiny_masks(valid):
     check(TINY, valid=valid)
 
 
+@pytest.mark.parametrize(
+    "rows",
+    [[[0, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0]], [[0, 1, 0, 1, 0, 0, 0], [1, 0, 0, 0, 1, 1, 0]]],
+    ids=["a-row-with-no-valid-token", "holes-not-a-prefix"],
+)
+def test_parity_masks_drop_padding_must_not_change(rows):
+    """The DiT drops caption positions no row attends to (`drop_padding`); a row with nothing valid (softmax
+    spreads over all positions) and masks that are not a prefix must still give diffusers' output."""
+    theirs, ours = pair(TINY)
+    x, t, hidden, _ = inputs(TINY)
+    mask = torch.tensor(rows)
+    with torch.no_grad():
+        ref = theirs(x, hidden, t, encoder_attention_mask=mask).sample
+        out = ours(x, t, TextEmbeddings(hidden, mask))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_parity_non_square_and_batch_of_one():
     check(TINY, b=1, h=6, w=10)
     check(TINY, b=2, h=12, w=4)

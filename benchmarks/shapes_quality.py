@@ -1,0 +1,219 @@
+"""The shipped shapes model, measured: prompt accuracy, steps against quality, 512^2, and end-to-end time.
+
+Every accuracy comes from `sana.shapes.evaluate.evaluate_shapes`: fresh prompts from the grammar of
+sana/shapes/world.py (prompt set = a pure function of --seed, image i sampled with seed + i), each image
+scored by the deterministic analyzer. Parts, each writing its own section of docs/shapes.md:
+
+  accuracy  --n-accuracy prompts per category at the defaults (Flow-DPM-Solver, 20 steps, CFG 4.5, 256^2);
+            also docs/shapes_grid.png
+  steps     Flow-DPM-Solver and Flow-Euler at 5, 10, 14, 20, 28, 50 steps, --n-steps prompts per category,
+            the same prompts and seeds for every setting; also docs/shapes_steps.png
+  512       the defaults at 512x512 (16x16 latent tokens; the model was trained on 8x8 only)
+  timing    `sana generate PROMPT --output F` in a fresh process, process start included, median of --runs,
+            beside `python -c "import torch"` timed the same way (the floor any torch program pays here)
+
+Run: `python benchmarks/shapes_quality.py [--only accuracy,steps,512,timing] [--model PATH]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from docs_section import DOCS, write_section
+from PIL import Image, ImageDraw, ImageFont
+
+from sana.pipeline import SanaPipeline
+from sana.pretrained import default_model
+from sana.shapes.evaluate import Report, evaluate_shapes
+from sana.shapes.world import CATEGORIES
+
+DOC = DOCS / "shapes.md"
+_PAGE = "# The shipped shapes model\n\nFigures written by `benchmarks/shapes_quality.py`.\n"
+STEPS = (5, 10, 14, 20, 28, 50)
+SAMPLERS = {"dpm": "Flow-DPM-Solver", "euler": "Flow-Euler"}
+TARGETS = {"single": 0.95, "sized": 0.90, "relation": 0.75, "counting": 0.75}
+
+
+def where() -> str:
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def table(rows: list[tuple[str, Report]], with_targets: bool = False) -> str:
+    head = "| setting | " + " | ".join(CATEGORIES) + " | mean |\n|---|" + "---:|" * (len(CATEGORIES) + 1) + "\n"
+    lines = [
+        f"| {name} | " + " | ".join(f"{r.accuracy[c]:.0%}" for c in CATEGORIES) + f" | {r.overall:.0%} |"
+        for name, r in rows
+    ]
+    if with_targets:
+        lines.append("| target | " + " | ".join(f"≥ {TARGETS[c]:.0%}" for c in CATEGORIES) + " | |")
+    return head + "\n".join(lines) + "\n"
+
+
+def checks(report: Report) -> str:
+    names = ["found", "colour", "shape", "size", "relation", "count", "clean"]
+    head = "| category | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names) + "\n"
+    cell = lambda c, k: f"{report.checks[c][k]:.0%}" if k in report.checks[c] else ""
+    return head + "\n".join(f"| {c} | " + " | ".join(cell(c, k) for k in names) + " |" for c in CATEGORIES)
+
+
+def part_accuracy(pipe: SanaPipeline, n: int, seed: int) -> None:
+    start = time.perf_counter()
+    out = Path(tempfile.mkdtemp(prefix="shapes-eval-"))
+    report = evaluate_shapes(pipe, n_per_category=n, seed=seed, out_dir=out, progress=True)
+    grid = DOCS / "shapes_grid.png"
+    Image.open(out / "grid.png").save(grid)
+    met = [c for c in CATEGORIES if report.accuracy[c] >= TARGETS[c]]
+    text = f"""## Accuracy at the defaults
+
+{n} fresh prompts per category (seed {seed}), Flow-DPM-Solver, 20 steps, guidance 4.5, 256x256, float32 on
+{where()}; {time.perf_counter() - start:.0f} s in all. Targets met: {", ".join(met) or "none"}.
+
+{table([("shipped model", report)], with_targets=True)}
+Which checks pass, per category (an image is correct when every check of its category passes):
+
+{checks(report)}
+
+![sample grid: green frame = correct, red = wrong](shapes_grid.png)
+"""
+    print(text)
+    write_section("shapes_accuracy", text, _doc())
+
+
+def part_steps(pipe: SanaPipeline, n: int, seed: int) -> None:
+    results: dict[str, dict[int, Report]] = {s: {} for s in SAMPLERS}
+    for sampler in SAMPLERS:
+        for steps in STEPS:
+            r = evaluate_shapes(pipe, n_per_category=n, seed=seed, steps=steps, sampler=sampler)
+            results[sampler][steps] = r
+            print(f"{sampler} {steps:>2} steps: mean {r.overall:.3f} {r.accuracy}", flush=True)
+    rows = [(f"{SAMPLERS[s]}, {k} steps", results[s][k]) for s in SAMPLERS for k in STEPS]
+    plot(results, DOCS / "shapes_steps.png")
+    dpm = {k: results["dpm"][k].overall for k in STEPS}
+    euler = {k: results["euler"][k].overall for k in STEPS}
+    verdict = (
+        f"Flow-DPM-Solver at 14-20 steps: {dpm[14]:.0%} / {dpm[20]:.0%}; Flow-Euler at 28-50 steps: "
+        f"{euler[28]:.0%} / {euler[50]:.0%}."
+    )
+    text = f"""## Steps against quality
+
+{n} prompts per category (seed {seed}), the same prompts and seeds for every row, guidance 4.5, 256x256.
+{verdict}
+
+{table(rows)}
+![mean accuracy against steps](shapes_steps.png)
+"""
+    print(text)
+    write_section("shapes_steps", text, _doc())
+
+
+def plot(results: dict[str, dict[int, Report]], path: Path) -> None:
+    """Mean accuracy against steps, one line per sampler (PIL: no plotting dependency)."""
+    w, h, m = 640, 400, 60
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    xs = lambda k: m + (w - 2 * m) * (STEPS.index(k)) / (len(STEPS) - 1)
+    ys = lambda a: h - m - (h - 2 * m) * a
+    d.line((m, h - m, w - m, h - m), fill="black")
+    d.line((m, m, m, h - m), fill="black")
+    for a in (0.0, 0.25, 0.5, 0.75, 1.0):
+        d.line((m - 4, ys(a), w - m, ys(a)), fill=(225, 225, 225))
+        d.text((m - 40, ys(a) - 6), f"{a:.0%}", fill="black", font=font)
+    for k in STEPS:
+        d.text((xs(k) - 6, h - m + 8), str(k), fill="black", font=font)
+    d.text((w // 2 - 20, h - 24), "steps", fill="black", font=font)
+    for (sampler, label), colour in zip(SAMPLERS.items(), ((200, 0, 0), (0, 0, 200)), strict=True):
+        pts = [(xs(k), ys(results[sampler][k].overall)) for k in STEPS]
+        d.line(pts, fill=colour, width=3)
+        for x, y in pts:
+            d.ellipse((x - 4, y - 4, x + 4, y + 4), fill=colour)
+        y0 = m - 40 + 16 * list(SAMPLERS).index(sampler)
+        d.line((w - m - 150, y0 + 6, w - m - 120, y0 + 6), fill=colour, width=3)
+        d.text((w - m - 112, y0), label, fill="black", font=font)
+    d.text((m, 12), "shapes benchmark: mean accuracy of the 4 categories", fill="black", font=font)
+    img.save(path)
+
+
+def part_512(pipe: SanaPipeline, n: int, seed: int) -> None:
+    r256 = evaluate_shapes(pipe, n_per_category=n, seed=seed)
+    r512 = evaluate_shapes(pipe, n_per_category=n, seed=seed, height=512, width=512)
+    text = f"""## Beyond the training size: 512x512
+
+Trained on 256x256 only (8x8 latent tokens). At 512x512 the DiT sees 16x16 tokens; NoPE means nothing in it
+is tied to a grid size, but it has never seen objects at these latent scales. {n} prompts per category
+(seed {seed}), Flow-DPM-Solver, 20 steps, guidance 4.5, the same prompts at both sizes.
+
+{table([("256x256 (trained)", r256), ("512x512", r512)])}"""
+    print(text)
+    write_section("shapes_512", text, _doc())
+
+
+def wall(cmd: list[str], runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def part_timing(model: str | None, runs: int) -> None:
+    prompt = "a red circle above a blue square"
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "sana", "generate", prompt, "--seed", "0", "--output", f"{tmp}/x.png"]
+        cmd += ["--model", model] if model else []
+        floor = [sys.executable, "-c", "import torch"]
+        wall(cmd, 1)  # warm the file cache
+        ours, base = wall(cmd, runs), wall(floor, runs)
+    text = f"""## End-to-end time of one 256x256 image
+
+`sana generate "{prompt}" --seed 0 --output x.png` (20 Flow-DPM-Solver steps with CFG, the shipped model, float32),
+timed from process start to exit, median of {runs} runs on {where()}: **{ours:.2f} s**. For scale, the same
+timer around `python -c "import torch"` gives {base:.2f} s ({base / ours:.0%} of it).
+"""
+    print(text)
+    write_section("shapes_timing", text, _doc())
+
+
+def _doc() -> Path:
+    if not DOC.exists():
+        DOC.write_text(_PAGE)
+    return DOC
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model folder (default: the shipped one)")
+    p.add_argument("--only", default="accuracy,steps,512,timing", help="comma-separated parts to run")
+    p.add_argument("--n-accuracy", type=int, default=100, help="prompts per category, accuracy part")
+    p.add_argument("--n-steps", type=int, default=25, help="prompts per category, steps and 512 parts")
+    p.add_argument("--seed", type=int, default=1000, help="prompt set (the training data never sees prompts)")
+    p.add_argument("--runs", type=int, default=5, help="timing runs")
+    args = p.parse_args()
+    parts = set(args.only.split(","))
+    unknown = parts - {"accuracy", "steps", "512", "timing"}
+    if unknown:
+        p.error(f"unknown part(s) {sorted(unknown)}")
+    pipe = SanaPipeline.from_pretrained(args.model or default_model()) if parts - {"timing"} else None
+    if "accuracy" in parts:
+        part_accuracy(pipe, args.n_accuracy, args.seed)
+    if "steps" in parts:
+        part_steps(pipe, args.n_steps, args.seed)
+    if "512" in parts:
+        part_512(pipe, args.n_steps, args.seed)
+    if "timing" in parts:
+        part_timing(args.model, args.runs)
+
+
+if __name__ == "__main__":
+    main()
