@@ -269,8 +269,13 @@ def model_index(components: SanaComponents) -> dict[str, Any]:
         "_class_name": "SanaSprintPipeline" if components.scheduler.sampler == "scm" else "SanaPipeline",
         "_diffusers_version": "0.42.1",
         "scheduler": ["diffusers", scheduler],
-        "text_encoder": ["transformers", type(components.text_encoder.model).__name__],
-        "tokenizer": ["transformers", type(components.text_encoder.tokenizer).__name__],
+        "text_encoder": ["transformers", _transformers_name(components.text_encoder.model)],
+        "tokenizer": ["transformers", _transformers_name(components.text_encoder.tokenizer)],
         "transformer": ["diffusers", components.transformer.diffusers_class_name],
         "vae": ["diffusers", components.vae.diffusers_class_name],
     }
+
+
+def _transformers_name(obj: Any) -> str:
+    """The transformers class a saved folder loads as (our own Gemma-2 reader writes Gemma2Model folders)."""
+    return getattr(obj, "transformers_class_name", type(obj).__name__)

@@ -103,7 +103,7 @@ def cache_settings(data: DataConfig, vae: Any, text_encoder: Any, shard_size: in
         "text_encoder": {
             "instruction": text_encoder.instruction,
             "max_length": text_encoder.max_length,
-            "model": type(text_encoder.model).__name__,
+            "model": getattr(text_encoder.model, "transformers_class_name", type(text_encoder.model).__name__),
             "dtype": str(text_encoder.dtype).removeprefix("torch."),
         },
     }

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,22 +147,117 @@ class TextEncoder:
     ) -> TextEncoder:
         """Load a transformers model folder (e.g. a Sana repo's `text_encoder/`) and its tokenizer folder.
 
-        Local folders are checked first so a typo fails fast with its name; any other string is handed to
-        transformers as is (a Hub id works where the Hub is reachable).
+        A local Gemma-2 folder with a `tokenizer.json` is read by this project's own code (`sana.models.gemma2`
+        and `JsonTokenizer`, the same numbers without importing transformers, which costs seconds at start-up);
+        anything else goes through transformers' Auto classes. Local folders are checked first so a typo fails
+        fast with its name; any other string is handed to transformers as is (a Hub id works where the Hub is
+        reachable).
         """
-        from transformers import AutoModel, AutoTokenizer  # heavy import, only needed here
-
         model_dir, tokenizer_dir = os.path.expanduser(model_dir), os.path.expanduser(tokenizer_dir)
         for what, where in (("text encoder", model_dir), ("tokenizer", tokenizer_dir)):
             if _looks_local(where) and not Path(where).is_dir():
                 raise FileNotFoundError(f"{what} folder not found: {where}")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-            model = AutoModel.from_pretrained(model_dir, dtype=dtype)
-        except OSError as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise OSError(f"cannot load text encoder {model_dir} / tokenizer {tokenizer_dir}: {first_line}") from e
+        from sana.models.gemma2 import Gemma2Encoder, is_gemma2_folder
+
+        if is_gemma2_folder(model_dir) and (Path(tokenizer_dir) / "tokenizer.json").is_file():
+            model, tokenizer = Gemma2Encoder.from_pretrained(model_dir, dtype=dtype), JsonTokenizer(tokenizer_dir)
+        else:
+            from transformers import AutoModel, AutoTokenizer  # heavy import, only needed here
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+                model = AutoModel.from_pretrained(model_dir, dtype=dtype)
+            except OSError as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise OSError(f"cannot load text encoder {model_dir} / tokenizer {tokenizer_dir}: {first}") from e
         return cls(model.to(device).eval(), tokenizer, instruction=instruction, max_length=max_length)
+
+
+class JsonTokenizer:
+    """A transformers fast tokenizer folder read with the `tokenizers` library alone (no transformers import).
+
+    It covers what `TextEncoder` asks of a tokenizer: `encode(text)` and a call that pads on the right to
+    `max_length`, truncates on the right and adds the special tokens of tokenizer.json's post-processor (Gemma's
+    <bos>), returning "input_ids", "attention_mask" and the per-text `encodings` (which know what truncation
+    cut off). Special tokens are those of tokenizer.json; the pad token is tokenizer_config.json's. Tested to
+    give transformers' ids on Gemma-style tokenizers.
+    """
+
+    transformers_class_name = "GemmaTokenizer"  # what model_index.json names
+
+    def __init__(self, folder: str | Path) -> None:
+        import json
+
+        from tokenizers import Tokenizer
+
+        self.folder = Path(folder)
+        self._tok = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        config_path = self.folder / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        pad = config.get("pad_token", "<pad>")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        pad_id = self._tok.token_to_id(pad) if pad is not None else None
+        if pad_id is None:
+            raise ValueError(f"{self.folder}: pad token {pad!r} is not in the vocabulary")
+        self.pad_token, self.pad_token_id = pad, pad_id
+        self.transformers_class_name = config.get("tokenizer_class", self.transformers_class_name)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def __call__(
+        self,
+        texts: list[str],
+        *,
+        padding: str | bool = False,
+        max_length: int | None = None,
+        truncation: bool = False,
+        add_special_tokens: bool = True,
+        padding_side: str = "right",
+        return_tensors: str | None = None,
+    ) -> _Batch:
+        if padding_side != "right" or padding not in (False, "max_length"):
+            raise ValueError("JsonTokenizer pads on the right to max_length only")
+        rows, masks, encodings = [], [], []
+        for text in texts:
+            ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+            cut = truncation and max_length is not None and len(ids) > max_length
+            encodings.append(_Encoding(ids[:max_length] if cut else ids, ids[max_length:] if cut else []))
+            ids = encodings[-1].ids
+            n = len(ids)
+            width = max_length if padding == "max_length" and max_length is not None else n
+            rows.append(ids + [self.pad_token_id] * (width - n))
+            masks.append([1] * n + [0] * (width - n))
+        out = _Batch({"input_ids": rows, "attention_mask": masks}, encodings)
+        if return_tensors == "pt":
+            out.update({k: torch.tensor(v, dtype=torch.long) for k, v in list(out.items())})
+        return out
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """The folder it was read from, copied (tokenizer.json and its companions)."""
+        import shutil
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in self.folder.iterdir():
+            if f.is_file():
+                shutil.copy2(f, folder / f.name)
+
+
+@dataclass
+class _Encoding:
+    ids: list[int]
+    overflowing: list[int]  # what truncation cut off (transformers' encodings expose the same name)
+
+
+class _Batch(dict):
+    """The tokenizer's output: a dict of lists or tensors, plus the encodings (as transformers' BatchEncoding)."""
+
+    def __init__(self, data: dict[str, Any], encodings: list[Any]) -> None:
+        super().__init__(data)
+        self.encodings = encodings
 
 
 def _clean(prompt: str) -> str:
