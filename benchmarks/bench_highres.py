@@ -8,8 +8,9 @@ Each decode runs in a fresh spawned process that builds the whole autoencoder (e
 pipeline holds it) and reports its peak resident set size (getrusage ru_maxrss), so no measurement inherits
 another's heap. "Model" is the RSS after building the model, before decoding. An untiled diffusers decode of
 4096^2 needs more memory than a 24 GB machine has; when the prediction from smaller decodes says it would not
-fit in the available RAM it is not run, and the peak is extrapolated from decodes at 1/4 and 1/2 the side
-(model + activations proportional to the pixel count) and marked as such.
+fit in the available RAM it is not run, and the peak is extrapolated from the smaller decodes it did run
+(`--untiled-sides`, default 1/4 and 1/2 the side; model + activations proportional to the pixel count) and
+marked as such.
 
 DiT step. One sampler step of the 600M model at 1024x1024 with classifier-free guidance is one forward of a
 batch of 2 on a 32x32 latent (300 caption tokens, 40 valid). Both models are built by diffusers' code with
@@ -153,26 +154,30 @@ def predict(records: list[DecodeRecord], side: int) -> float:
 
 
 def measure_untiled(
-    side: int, threads: int | None, where: str, done: list[DecodeRecord], save: Callable[[], None]
+    side: int,
+    sides: list[int],
+    threads: int | None,
+    where: str,
+    done: list[DecodeRecord],
+    save: Callable[[], None],
 ) -> None:
-    """diffusers untiled at side/4, then side/2 and side while the prediction says they fit in RAM; appends
-    to `done` and saves after each."""
-    mine = [measure("diffusers", side // 4, 0, threads, where)]
-    done.append(mine[-1])
-    save()
-    for s in (side // 2, side):
-        if mine[-1].peak_gb is None:
-            break
-        need, free = predict(mine, s), psutil.virtual_memory().available / GB
-        if need > FIT_MARGIN * free:
-            print(f"  not running {s}x{s} untiled: needs ~{need:.1f} GB, {free:.1f} GB available", flush=True)
-            note = f"extrapolated from {', '.join(f'{r.side}^2' for r in mine)}: not run, {free:.0f} GB available"
-            done.append(DecodeRecord("diffusers, untiled", s, need, None, None, where, note))
-            save()
-            break
+    """diffusers untiled at each of `sides` (ascending), then at `side` if the prediction from those says it
+    fits in the available RAM, else that prediction, marked as extrapolated; appends to `done`, saving each."""
+    mine: list[DecodeRecord] = []
+    for s in sides:
         mine.append(measure("diffusers", s, 0, threads, where))
         done.append(mine[-1])
         save()
+        if mine[-1].peak_gb is None:
+            return
+    need, free = predict(mine, side), psutil.virtual_memory().available / GB
+    if need > FIT_MARGIN * free:
+        print(f"  not running {side}x{side} untiled: needs ~{need:.1f} GB, {free:.1f} GB available", flush=True)
+        note = f"extrapolated from {', '.join(f'{r.side}²' for r in mine)}: not run, {free:.0f} GB available"
+        done.append(DecodeRecord("diffusers, untiled", side, need, None, None, where, note))
+    else:
+        done.append(measure("diffusers", side, 0, threads, where))
+    save()
 
 
 def tiling_accuracy(side: int, tile: int, device: str) -> dict:
@@ -296,6 +301,9 @@ def main() -> None:
     p.add_argument("--skip-ours", action="store_true", help="no decode with this project's tiling")
     p.add_argument("--skip-diffusers-untiled", action="store_true", help="no untiled diffusers decodes")
     p.add_argument("--skip-diffusers-tiled", action="store_true", help="no diffusers enable_tiling() decode")
+    p.add_argument(
+        "--untiled-sides", default=None, help="diffusers untiled sides to measure (default: side/4,side/2)"
+    )
     p.add_argument("--diffusers-tiled-side", type=int, default=None, help="side of that decode (default --side)")
     p.add_argument("--skip-dit", action="store_true", help="no DiT step timing")
     p.add_argument("--dit-layers", type=int, default=4, help="DiT blocks (the 600M model has 28)")
@@ -332,7 +340,12 @@ def main() -> None:
         decodes.append(measure("ours", args.side, args.tile, args.threads, where))
         save()
     if not args.skip_diffusers_untiled:
-        measure_untiled(args.side, args.threads, where, decodes, save)
+        sides = (
+            sorted(int(v) for v in args.untiled_sides.split(","))
+            if args.untiled_sides
+            else [args.side // 4, args.side // 2]
+        )
+        measure_untiled(args.side, sides, args.threads, where, decodes, save)
     if not args.skip_diffusers_tiled:
         decodes.append(measure("diffusers-tiled", args.diffusers_tiled_side or args.side, 0, args.threads, where))
         save()
