@@ -271,7 +271,7 @@ weights, same process, median of {dit["rounds"]} interleaved rounds after a warm
 
 | ours (s/step) | diffusers (s/step) | ratio ours/diffusers | max rel. diff |
 |---:|---:|---:|---:|
-| {dit["ours_s"]:.2f} | {dit["theirs_s"]:.2f} | **{ratio:.3f}** | {dit["max_rel_diff"]:.1e} |
+| {dit["ours_s"]:.2f} | {dit["theirs_s"]:.2f} | **{ratio:.3f}** | {fmt(dit.get("max_rel_diff"), ".1e")} |
 """
     return f"""## High resolution (`benchmarks/bench_highres.py`)
 

@@ -66,34 +66,34 @@ def run_training(name: str, device: str) -> Path:
     return final
 
 
-def assemble_components(text: Path, dcae: Path) -> None:
+def assemble_components(text: Path, dcae: Path, out: Path, flow_shift: float) -> Path:
     """vae/ + text_encoder/ + tokenizer/ + scheduler/ + instruction.json: what `sana cache` and the DiT
-    training read; the DiT's export adds transformer/."""
+    training read; the DiT's export adds transformer/. Written beside `out` and renamed into place."""
     from sana.config import read_json
     from sana.pretrained import SchedulerSpec, write_instruction
-    from sana.training import load_train_config
     from sana.weights import write_json
 
-    if (COMPONENTS / "model_index.json").is_file():
-        return
-    tmp = COMPONENTS.with_name(f".tmp-{COMPONENTS.name}")
+    if (out / "model_index.json").is_file():
+        return out
+    tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(dcae / "vae", tmp / "vae")
     shutil.copytree(text / "text_encoder", tmp / "text_encoder")
     shutil.copytree(text / "tokenizer", tmp / "tokenizer")
-    shift = load_train_config(CONFIGS["dit"]).flow.shift
-    write_json(tmp / "scheduler" / "scheduler_config.json", SchedulerSpec(flow_shift=shift).to_dict())
-    write_instruction(tmp, None)
+    write_json(tmp / "scheduler" / "scheduler_config.json", SchedulerSpec(flow_shift=flow_shift).to_dict())
+    write_instruction(tmp, None)  # the language model was trained on bare captions
+    tokenizer_config = read_json(tmp / "tokenizer" / "tokenizer_config.json")
     index = {
         "_class_name": "SanaPipeline",
         "_diffusers_version": "0.42.1",
         "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
         "text_encoder": ["transformers", read_json(tmp / "text_encoder" / "config.json")["architectures"][0]],
-        "tokenizer": ["transformers", read_json(tmp / "tokenizer" / "tokenizer_config.json")["tokenizer_class"]],
+        "tokenizer": ["transformers", tokenizer_config.get("tokenizer_class", "GemmaTokenizer")],
         "vae": ["diffusers", "AutoencoderDC"],
     }
     write_json(tmp / "model_index.json", index)
-    tmp.rename(COMPONENTS)  # whole or not at all
+    tmp.rename(out)  # whole or not at all
+    return out
 
 
 def make_cache(device: str) -> None:
@@ -121,6 +121,7 @@ def ship(final: Path, out: Path) -> Path:
     shutil.copy2(final / INSTRUCTION_FILE, tmp / INSTRUCTION_FILE)
     size = folder_bytes(tmp)
     if size > SHIPPED_BUDGET_BYTES:
+        shutil.rmtree(tmp)
         raise RuntimeError(f"the shipped model would take {size / 2**20:.1f} MiB, over the 30 MiB budget")
     load_components(tmp)  # it loads as it will be shipped
     publish_folder(tmp, out)
@@ -133,7 +134,7 @@ def build(n_images: int, seed: int, device: str, out: Path) -> Path:
         ("data", lambda: make_data(n_images, seed)),
         ("text", lambda: run_training("text", device)),
         ("autoencoder", lambda: run_training("dcae", device)),
-        ("components", lambda: assemble_components(TEXT_FINAL, DCAE_FINAL)),
+        ("components", lambda: assemble_components(TEXT_FINAL, DCAE_FINAL, COMPONENTS, _dit_shift())),
         ("cache", lambda: make_cache(_dev(device))),
         ("dit", lambda: run_training("dit", device)),
         ("ship", lambda: ship(DIT_FINAL, out)),
@@ -144,6 +145,12 @@ def build(n_images: int, seed: int, device: str, out: Path) -> Path:
         step()
         logger.info("step %s done in %.0f s", name, time.perf_counter() - start)
     return out
+
+
+def _dit_shift() -> float:
+    from sana.training import load_train_config
+
+    return load_train_config(CONFIGS["dit"]).flow.shift  # sampling uses the shift the DiT trains with
 
 
 def _dev(device: str) -> str:
