@@ -123,8 +123,13 @@ class TextEncoder:
             msg = f"prompt(s) {cut} over the {self.max_length}-token limit were cut at the end"
             warnings.warn(msg, stacklevel=4)
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)  # (B, length)
+        # Padding is on the right and attention is causal, so no valid position ever sees a padded one: run
+        # the model up to the batch's longest text only (a prompt fills a tenth of the 300 positions) and leave
+        # zeros after it. Those positions are masked for every row, so the DiT never reads them.
+        n = int(mask.sum(dim=1).max())
         with torch.no_grad():
-            hidden = self.model(input_ids=ids, attention_mask=mask)[0]  # (B, length, C), after the final norm
+            hidden = self.model(input_ids=ids[:, :n], attention_mask=mask[:, :n])[0]  # (B, n, C), final norm
+        hidden = torch.nn.functional.pad(hidden, (0, 0, 0, length - n))  # (B, length, C)
         return TextEmbeddings(hidden.to(self.dtype), mask.long())
 
     def _truncated(self, texts: list[str], batch: Any, length: int) -> list[int]:
