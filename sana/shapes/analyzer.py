@@ -118,11 +118,15 @@ def analyze(
     colour_tolerance: float = 100.0,
     min_area: float = 0.0008,
     min_extent: float = 0.05,
+    min_thickness: float = 0.03,
 ) -> Analysis:
     """The background and the objects of a shapes image (PIL image or (H, W, 3) uint8 array, sides >= 32).
 
-    Components smaller than `min_area` (a fraction of the image area) or whose longest side is below
-    `min_extent` (a fraction of the shorter image side; the smallest drawn object is 0.12) are noise.
+    Components smaller than `min_area` (a fraction of the image area), whose longest side is below
+    `min_extent` (a fraction of the shorter image side; the smallest drawn object is 0.12), or whose mean
+    thickness (area / longest side) is below `min_thickness` of it are noise. The last rule drops the thin
+    lines a decoder's zero padding can leave along the image border; the thinnest drawn object, a small
+    triangle, is about 0.05 thick.
     """
     pil = Image.fromarray(np.asarray(image, dtype=np.uint8)) if isinstance(image, np.ndarray) else image
     pil = pil.convert("RGB")
@@ -158,7 +162,9 @@ def analyze(
             continue
         obj = _describe(runs, pixels, bg, min(w, h), colour_tolerance, scale)
         x0, y0, x1, y1 = obj.bbox
-        if max(x1 - x0, y1 - y0) >= min_extent * min(width, height):
+        longest = max(x1 - x0, y1 - y0)  # in the input's pixels, as min_extent is
+        thick = area * scale * scale / max(longest, 1)
+        if longest >= min_extent * min(width, height) and thick >= min_thickness * min(width, height):
             objects.append(obj)
     objects.sort(key=lambda o: (o.centre[0], o.centre[1]))
     bg_rgb = tuple(int(round(float(v))) for v in bg)

@@ -136,6 +136,20 @@ def test_noise_specks_are_ignored_and_odd_blobs_get_no_label():
     assert None in by_colour and by_colour[None].shape == "square"
 
 
+def test_thin_border_lines_are_not_objects(cases):
+    """Decoders leave thin lines along the border (zero padding); they are not objects, even at 3 px, and
+    the smallest real objects (small triangles) still are."""
+    for spec, scene, image, _ in cases:
+        if spec.category != "sized" or spec.subject.size != "small":
+            continue
+        pixels = np.array(image)
+        pixels[-1, :] = (128, 128, 128) if scene.background != "gray" else (0, 0, 0)  # bottom row
+        pixels[:, :3] = (200, 60, 60)  # a 3 px column on the left
+        want = [(o.colour, o.shape, o.size) for o in analyze(image).objects]
+        assert [(o.colour, o.shape, o.size) for o in analyze(pixels).objects] == want
+        assert check(spec, analyze(pixels))["correct"]
+
+
 def test_connected_runs_uses_4_connectivity():
     mask = np.zeros((6, 7), dtype=bool)
     mask[0:4, 0] = mask[0:4, 2] = True
