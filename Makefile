@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	# build for this CPU torch; the scorer never uses torchvision (see sana/data/captions.py).
 	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
 	$(PY) -m pip install -q ftfy regex
+	# Bytecode now: with PYTHONDONTWRITEBYTECODE set (as on CI machines) every `sana` start would recompile it.
+	$(PY) -m compileall -q sana
 	touch $(STAMP)
 
 demo: $(STAMP)

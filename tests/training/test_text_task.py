@@ -64,7 +64,7 @@ def test_export_loads_in_text_encoder(cli_run):
     encoder = TextEncoder.from_pretrained(
         final / "text_encoder", final / "tokenizer", instruction=None, max_length=16
     )
-    assert type(encoder.model).__name__ == "Gemma2Model"
+    assert encoder.model.transformers_class_name == "Gemma2Model"  # read by sana.models.gemma2, no transformers
     emb = encoder.encode(["A red circle on a white background", "a blue star"])
     assert emb.hidden.shape == (2, 16, 32) and torch.isfinite(emb.hidden).all()
     assert emb.mask[0].tolist()[:8] == [1] * 8 and emb.mask[1, -1] == 0  # <bos> + tokens, right padding
