@@ -40,6 +40,7 @@ DOC = DOCS / "shapes.md"
 _PAGE = "# The shipped shapes model\n\nFigures written by `benchmarks/shapes_quality.py`.\n"
 STEPS = (5, 10, 14, 20, 28, 50)
 SAMPLERS = {"dpm": "Flow-DPM-Solver", "euler": "Flow-Euler"}
+WRITE = True  # --no-write: print only
 TARGETS = {"single": 0.95, "sized": 0.90, "relation": 0.75, "counting": 0.75}
 
 
@@ -70,8 +71,8 @@ def part_accuracy(pipe: SanaPipeline, n: int, seed: int) -> None:
     start = time.perf_counter()
     out = Path(tempfile.mkdtemp(prefix="shapes-eval-"))
     report = evaluate_shapes(pipe, n_per_category=n, seed=seed, out_dir=out, progress=True)
-    grid = DOCS / "shapes_grid.png"
-    Image.open(out / "grid.png").save(grid)
+    if WRITE:
+        Image.open(out / "grid.png").save(DOCS / "shapes_grid.png")
     met = [c for c in CATEGORIES if report.accuracy[c] >= TARGETS[c]]
     text = f"""## Accuracy at the defaults
 
@@ -85,8 +86,7 @@ Which checks pass, per category (an image is correct when every check of its cat
 
 ![sample grid: green frame = correct, red = wrong](shapes_grid.png)
 """
-    print(text)
-    write_section("shapes_accuracy", text, _doc())
+    publish("shapes_accuracy", text)
 
 
 def part_steps(pipe: SanaPipeline, n: int, seed: int) -> None:
@@ -97,7 +97,7 @@ def part_steps(pipe: SanaPipeline, n: int, seed: int) -> None:
             results[sampler][steps] = r
             print(f"{sampler} {steps:>2} steps: mean {r.overall:.3f} {r.accuracy}", flush=True)
     rows = [(f"{SAMPLERS[s]}, {k} steps", results[s][k]) for s in SAMPLERS for k in STEPS]
-    plot(results, DOCS / "shapes_steps.png")
+    plot(results, DOCS / "shapes_steps.png" if WRITE else Path(tempfile.mkdtemp()) / "steps.png")
     dpm = {k: results["dpm"][k].overall for k in STEPS}
     euler = {k: results["euler"][k].overall for k in STEPS}
     verdict = (
@@ -112,8 +112,7 @@ def part_steps(pipe: SanaPipeline, n: int, seed: int) -> None:
 {table(rows)}
 ![mean accuracy against steps](shapes_steps.png)
 """
-    print(text)
-    write_section("shapes_steps", text, _doc())
+    publish("shapes_steps", text)
 
 
 def plot(results: dict[str, dict[int, Report]], path: Path) -> None:
@@ -154,8 +153,7 @@ is tied to a grid size, but it has never seen objects at these latent scales. {n
 (seed {seed}), Flow-DPM-Solver, 20 steps, guidance 4.5, the same prompts at both sizes.
 
 {table([("256x256 (trained)", r256), ("512x512", r512)])}"""
-    print(text)
-    write_section("shapes_512", text, _doc())
+    publish("shapes_512", text)
 
 
 def wall(cmd: list[str], runs: int) -> float:
@@ -181,14 +179,19 @@ def part_timing(model: str | None, runs: int) -> None:
 timed from process start to exit, median of {runs} runs on {where()}: **{ours:.2f} s**. For scale, the same
 timer around `python -c "import torch"` gives {base:.2f} s ({base / ours:.0%} of it).
 """
-    print(text)
-    write_section("shapes_timing", text, _doc())
+    publish("shapes_timing", text)
 
 
 def _doc() -> Path:
     if not DOC.exists():
         DOC.write_text(_PAGE)
     return DOC
+
+
+def publish(name: str, text: str) -> None:
+    print(text)
+    if WRITE:
+        print(f"wrote {write_section(name, text, _doc())}")
 
 
 def main() -> None:
@@ -199,7 +202,10 @@ def main() -> None:
     p.add_argument("--n-steps", type=int, default=25, help="prompts per category, steps and 512 parts")
     p.add_argument("--seed", type=int, default=1000, help="prompt set (the training data never sees prompts)")
     p.add_argument("--runs", type=int, default=5, help="timing runs")
+    p.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     args = p.parse_args()
+    global WRITE
+    WRITE = not args.no_write
     parts = set(args.only.split(","))
     unknown = parts - {"accuracy", "steps", "512", "timing"}
     if unknown:
