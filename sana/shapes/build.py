@@ -15,7 +15,8 @@ build resumes where it stopped (the three trainings resume from their newest che
 
 All paths are relative to --root (default: the working directory, a checkout of this repository, whose
 configs/train/ holds the three YAML files). Any step's settings can be changed in its YAML; --device picks
-where the trainings run.
+where the trainings run; `--dit-steps N` trains the DiT on from its newest checkpoint to N steps and ships the
+result (the cosine schedule is then stretched to N, a warm restart).
 """
 
 from __future__ import annotations
@@ -55,13 +56,16 @@ def make_data(n: int, seed: int) -> None:
     (DATA / _DONE).write_text(f"{stats.images} images, seed {seed}\n")
 
 
-def run_training(name: str, device: str) -> Path:
-    """Train (or finish training) one YAML of the build; its exported folder."""
+def run_training(name: str, device: str, max_steps: int | None = None) -> Path:
+    """Train (or finish training) one YAML of the build; its exported folder. With `max_steps`, the run is
+    continued (or cut) to that many steps from its newest checkpoint and exported again."""
     from sana.training import load_train_config, train
 
-    cfg = load_train_config(CONFIGS[name], [f"device={device}", "checkpoint.resume=latest"])
+    overrides = [f"device={device}", "checkpoint.resume=latest"]
+    overrides += [f"max_steps={max_steps}"] if max_steps else []
+    cfg = load_train_config(CONFIGS[name], overrides)
     final = Path(cfg.run_dir) / "final"
-    if not final.is_dir():  # exports are renamed into place whole, so a folder there is a finished run
+    if max_steps or not final.is_dir():  # exports are renamed into place whole: a folder there is finished
         train(cfg)
     return final
 
@@ -129,14 +133,14 @@ def ship(final: Path, out: Path) -> Path:
     return out
 
 
-def build(n_images: int, seed: int, device: str, out: Path) -> Path:
+def build(n_images: int, seed: int, device: str, out: Path, dit_steps: int | None = None) -> Path:
     steps: list[tuple[str, Callable[[], object]]] = [
         ("data", lambda: make_data(n_images, seed)),
         ("text", lambda: run_training("text", device)),
         ("autoencoder", lambda: run_training("dcae", device)),
         ("components", lambda: assemble_components(TEXT_FINAL, DCAE_FINAL, COMPONENTS, _dit_shift())),
         ("cache", lambda: make_cache(_dev(device))),
-        ("dit", lambda: run_training("dit", device)),
+        ("dit", lambda: run_training("dit", device, dit_steps)),
         ("ship", lambda: ship(DIT_FINAL, out)),
     ]
     for name, step in steps:
@@ -164,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
     p.add_argument("--device", default="auto", help="torch device for training and caching (default: auto)")
     p.add_argument("--out", type=Path, default=None, help=f"where to ship it (default: {SHIPPED_MODEL_DIR})")
+    p.add_argument(
+        "--dit-steps", type=int, default=None, help="train the DiT on from its last checkpoint to N steps"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = (args.out or SHIPPED_MODEL_DIR).resolve()
@@ -172,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         p.error(f"{root} is not a checkout of this repository: missing {', '.join(missing)}")
     os.chdir(root)
-    print(build(args.n, args.seed, args.device, out))
+    print(build(args.n, args.seed, args.device, out, args.dit_steps))
     return 0
 
 
