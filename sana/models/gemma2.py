@@ -168,7 +168,10 @@ class Gemma2Encoder(nn.Module):
     def __init__(self, config: Gemma2Config) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        # An empty table instead of the default normal_ init: on the meta device that init goes through
+        # torch._refs, whose first use imports torch._dynamo (1.6 s). The weights are always loaded afterwards.
+        table = torch.empty(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id, _weight=table)
         self.layers = nn.ModuleList(
             DecoderLayer(config, kind == "sliding_attention") for kind in config.layer_types
         )

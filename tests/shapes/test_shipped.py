@@ -1,0 +1,56 @@
+"""The model shipped inside the package: complete, small, the CLI's default, and the same image under diffusers'
+SanaPipeline as here. (How well it follows prompts is measured by benchmarks/shapes_quality.py, docs/shapes.md.)"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sana.pipeline import SanaPipeline
+from sana.pretrained import SHIPPED_MODEL_DIR, default_model, load_components, shipped_model
+from sana.shapes.build import SHIPPED_BUDGET_BYTES, folder_bytes
+
+DEMO_PROMPT = "a red circle above a blue square"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return SanaPipeline.from_pretrained(SHIPPED_MODEL_DIR)
+
+
+def test_shipped_folder_is_complete_small_and_the_default():
+    assert shipped_model() == SHIPPED_MODEL_DIR and default_model() == SHIPPED_MODEL_DIR
+    assert folder_bytes(SHIPPED_MODEL_DIR) <= SHIPPED_BUDGET_BYTES
+    # Trained on bare captions: the folder says so, and the loaded text encoder adds no prefix.
+    declared = json.loads((SHIPPED_MODEL_DIR / "instruction.json").read_text())
+    assert declared == {"complex_human_instruction": None}
+    parts = load_components(SHIPPED_MODEL_DIR)
+    assert parts.text_encoder.instruction is None
+    assert parts.transformer.config.sample_size * parts.vae.config.spatial_compression == 256
+    index = json.loads((SHIPPED_MODEL_DIR / "model_index.json").read_text())
+    assert index["transformer"] == ["diffusers", "SanaTransformer2DModel"]
+    from safetensors import safe_open
+
+    with safe_open(str(SHIPPED_MODEL_DIR / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+
+
+def test_diffusers_draws_the_same_image_from_the_shipped_folder(pipe):
+    diffusers = pytest.importorskip("diffusers")
+    theirs = diffusers.SanaPipeline.from_pretrained(SHIPPED_MODEL_DIR, torch_dtype=torch.float32)
+    ref = theirs(
+        DEMO_PROMPT,
+        generator=torch.Generator("cpu").manual_seed(3),
+        num_inference_steps=20,
+        guidance_scale=4.5,
+        height=256,
+        width=256,
+        complex_human_instruction=None,  # what instruction.json declares
+        use_resolution_binning=False,  # diffusers has no table for 256 px models; ours is exact at 256
+    ).images[0]
+    ours = pipe(DEMO_PROMPT, seed=3)[0]
+    diff = np.abs(np.asarray(ours, dtype=np.int16) - np.asarray(ref, dtype=np.int16))
+    assert (diff <= 2).mean() >= 0.999, f"max diff {diff.max()}, share > 2: {(diff > 2).mean():.4f}"
