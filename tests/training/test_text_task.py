@@ -13,7 +13,14 @@ from sana.config import ConfigError
 from sana.training import train
 from sana.training.config import load_train_config
 from sana.training.logging import read_metrics
-from sana.training.text_task import CaptionBatches, TextDataConfig, read_texts, tokenize_batch
+from sana.training.text_task import (
+    CaptionBatches,
+    TextDataConfig,
+    read_captions,
+    read_texts,
+    tokenize_batch,
+    training_sequences,
+)
 from tests.training.test_loop import one_thread  # noqa: F401 (fixture)
 
 CONFIGS = Path(__file__).parents[2] / "configs" / "train"
@@ -130,10 +137,34 @@ def test_captions_from_an_image_folder_and_rank_sharding(tmp_path):
     folder = shape_images(tmp_path / "images", n=6, size=32)
     texts = read_texts(TextDataConfig(path=str(folder)))
     assert len(texts) == 6 and all(t == t.lower() and "background" in t for t in texts)
-    single = iter(CaptionBatches(CAPTIONS, 4, seed=3))
-    ranks = [iter(CaptionBatches(CAPTIONS, 2, seed=3, rank=r, world_size=2)) for r in (0, 1)]
+    lone = [(t,) for t in CAPTIONS]
+    single = iter(CaptionBatches(lone, 4, seed=3))
+    ranks = [iter(CaptionBatches(lone, 2, seed=3, rank=r, world_size=2)) for r in (0, 1)]
     for _ in range(8):  # crosses the epoch boundary (6 global batches per epoch)
         assert next(single)["texts"] == next(ranks[0])["texts"] + next(ranks[1])["texts"]
+
+
+def test_documents_join_each_samples_captions_in_a_fresh_order(tmp_path, captions):
+    from sana.shapes.world import write_dataset
+
+    write_dataset(tmp_path / "shapes", n=8, seed=0)
+    cfg = TextDataConfig(path=str(tmp_path / "shapes" / "manifest.jsonl"), documents=True)
+    groups = training_sequences(cfg)
+    assert groups == read_captions(cfg) and len(groups) == 8 and max(len(g) for g in groups) > 2
+    assert training_sequences(TextDataConfig(path=cfg.path)) == [(t,) for g in groups for t in g]
+
+    stream = iter(CaptionBatches(groups, 8, seed=1, separator=cfg.separator))  # one batch per epoch
+    epochs = [next(stream)["texts"] for _ in range(3)]
+    orders = [CaptionBatches(groups, 8, seed=1).order(e) for e in range(3)]
+    for texts, order in zip(epochs, orders, strict=True):
+        for text, i in zip(texts, order, strict=True):
+            assert sorted(text.split(cfg.separator)) == sorted(groups[i])  # every caption once, nothing else
+    by_sample = [dict(zip(order, texts, strict=True)) for texts, order in zip(epochs, orders, strict=True)]
+    assert any(len({e[i] for e in by_sample}) > 1 for i in range(8))  # the order changes between epochs
+    assert [next(iter(CaptionBatches(groups, 8, seed=1)))["texts"] for _ in range(2)] == [epochs[0]] * 2
+
+    with pytest.raises(ValueError, match="several captions"):
+        training_sequences(TextDataConfig(path=str(captions), documents=True))
 
 
 @pytest.mark.parametrize(
