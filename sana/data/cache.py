@@ -71,6 +71,8 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.shard_size < 1 or self.batch_size < 1:
             raise ConfigError(f"shard_size and batch_size must be >= 1, got {self.shard_size}, {self.batch_size}")
+        if self.chi is False and self.chi_file:
+            raise ConfigError("chi: false (--no-chi) and chi_file (--chi-file) contradict each other: give one")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "") -> CacheConfig:
@@ -350,12 +352,15 @@ class CachedSamples:
 
 def load_encoders(cfg: CacheConfig) -> tuple[Any, Any]:
     """The (vae, text_encoder) of `cfg.model` on `cfg.device` in `cfg.dtype`."""
-    from sana.models.text_encoder import DEFAULT_INSTRUCTION
-    from sana.pretrained import choose_instruction, load_components
+    from sana.models.text_encoder import DEFAULT_INSTRUCTION, load_instruction
+    from sana.pretrained import MODEL_INSTRUCTION, load_components
 
-    instruction = choose_instruction(cfg.chi is False, cfg.chi_file)
-    if cfg.chi and not cfg.chi_file:  # explicitly on: the default text, whatever the folder declares
-        instruction = DEFAULT_INSTRUCTION
+    if cfg.chi is False:
+        instruction = None
+    elif cfg.chi_file:
+        instruction = load_instruction(cfg.chi_file)
+    else:  # explicitly on: the default text, whatever the folder declares; unset: the folder's own
+        instruction = DEFAULT_INSTRUCTION if cfg.chi else MODEL_INSTRUCTION
     parts = load_components(
         cfg.model, dtype=cfg.dtype, device=cfg.device, parts=("vae", "text_encoder"), instruction=instruction
     )

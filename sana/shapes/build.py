@@ -101,15 +101,15 @@ def assemble_components(text: Path, dcae: Path, out: Path, flow_shift: float) ->
 
 
 def make_cache(device: str) -> None:
-    from sana.data.cache import CacheConfig, build_cache, load_encoders
+    from sana.data.cache import build_cache
     from sana.data.loader import DataConfig
+    from sana.pretrained import load_components
 
     if (CACHE / "index.json").is_file():
         return
     data = DataConfig(path=str(DATA / "manifest.jsonl"), resolution=256, buckets=False)
-    cfg = CacheConfig(data=data, model=str(COMPONENTS), out=str(CACHE), device=device, batch_size=32)
-    vae, text_encoder = load_encoders(cfg)
-    report = build_cache(data, CACHE, vae=vae, text_encoder=text_encoder, batch_size=cfg.batch_size)
+    parts = load_components(COMPONENTS, device=device, parts=("vae", "text_encoder"))  # its instruction.json: none
+    report = build_cache(data, CACHE, vae=parts.vae, text_encoder=parts.text_encoder, batch_size=32)
     logger.info("cache: %s", report)
 
 

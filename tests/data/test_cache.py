@@ -138,3 +138,27 @@ def test_undecodable_images_are_left_out_and_reported(tmp_path, models):
         "animals/cat",
         "animals/dog",
     ]
+
+
+def test_the_instruction_each_chi_setting_gives(tmp_path):
+    """chi unset: the folder's declared instruction; true: the default text; false: none; chi_file: its text;
+    false with a file is refused when the config is made, before any model is loaded."""
+    from sana.config import ConfigError
+    from sana.data.cache import CacheConfig, load_encoders
+    from sana.models.text_encoder import DEFAULT_INSTRUCTION
+    from sana.pretrained import write_instruction
+
+    model = tmp_path / "model"
+    save_components(tiny_components(seed=0), model)
+    write_instruction(model, "Declared:\n")
+    chi = tmp_path / "chi.txt"
+    chi.write_text("From the file:\n")
+    data = DataConfig(path="unused", resolution=64)
+    expected = {None: "Declared:\n", True: DEFAULT_INSTRUCTION, False: None}
+    for setting, text in expected.items():
+        cfg = CacheConfig(data=data, model=str(model), out="unused", chi=setting)
+        assert load_encoders(cfg)[1].instruction == text, setting
+    from_file = CacheConfig(data=data, model=str(model), out="unused", chi_file=str(chi))
+    assert load_encoders(from_file)[1].instruction == chi.read_text()
+    with pytest.raises(ConfigError, match="contradict"):
+        CacheConfig(data=data, model=str(model), out="unused", chi=False, chi_file=str(chi))
