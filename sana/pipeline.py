@@ -299,8 +299,8 @@ class SanaPipeline:
         negative_prompt: str | list[str] = "",
         height: int | None = None,
         width: int | None = None,
-        steps: int = 20,
-        guidance_scale: float = 4.5,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
         sampler: str | None = None,
         seed: int | list[int] | None = None,
         images_per_prompt: int = 1,
@@ -315,11 +315,13 @@ class SanaPipeline:
     ) -> list[Image.Image] | torch.Tensor:
         """Generate `images_per_prompt` images for each prompt.
 
-        seed: one int seeds a single generator for the whole batch (as diffusers), a list gives one seed per
-        image. latents: explicit starting noise (B, C, h, w), overriding seed. output_type "pil" returns
-        images carrying their parameters; "pt" returns the decoded (B, 3, H, W) tensor in [-1, 1];
-        "latent" the final latents. vae_tile: decode in tiles of this many latents (same image, memory bounded
-        by the tile); "auto" tiles images with a side above AUTO_TILE_ABOVE_PX (2048) px, None never tiles.
+        steps, guidance_scale: None takes the model folder's (`self.scheduler`: sampling.json, else 20 and 4.5,
+        or 2 steps for a Sprint model). seed: one int seeds a single generator for the whole batch (as
+        diffusers), a list gives one seed per image. latents: explicit starting noise (B, C, h, w), overriding
+        seed. output_type "pil" returns images carrying their parameters; "pt" returns the decoded (B, 3, H, W)
+        tensor in [-1, 1]; "latent" the final latents. vae_tile: decode in tiles of this many latents (same
+        image, memory bounded by the tile); "auto" tiles images with a side above AUTO_TILE_ABOVE_PX (2048) px,
+        None never tiles.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -332,8 +334,8 @@ class SanaPipeline:
         settings = check_settings(
             height=self.default_size if height is None else height,
             width=self.default_size if width is None else width,
-            steps=steps,
-            guidance_scale=guidance_scale,
+            steps=self.scheduler.steps if steps is None else steps,
+            guidance_scale=self.scheduler.guidance_scale if guidance_scale is None else guidance_scale,
             sampler=sampler or self.scheduler.sampler,
             pag_scale=pag_scale,
             pag_layers=pag_layers,

@@ -7,6 +7,7 @@
     tokenizer/    a transformers tokenizer folder
     scheduler/    scheduler_config.json                              (which sampler, which time shift)
     instruction.json   optional, ours: {"complex_human_instruction": null | "text"}
+    sampling.json      optional, ours: {"steps": N, "guidance_scale": G}, what a call that names neither uses
 
 The same folder loads in diffusers' `SanaPipeline.from_pretrained` (tested), and a folder diffusers wrote
 loads here. A Hub id is fetched with huggingface_hub where a network exists; everything else is local.
@@ -16,13 +17,18 @@ expects: `instruction.json` holds the text (or null: captions were encoded bare,
 model, whose small text encoder never saw an instruction). Without that file a model gets
 `DEFAULT_INSTRUCTION`, as the published Sana models do. diffusers ignores the file; pass its value as
 `complex_human_instruction` there (null -> None) to get the same image.
+
+Likewise the number of steps a model needs is a property of the model: the published Sana folders sample well
+with Flow-DPM-Solver at 20 steps (the default without the file), Sprint folders at 2 (the default for an
+SCMScheduler), and a folder may declare its own in `sampling.json` (the shipped shapes model does, from its
+measured steps-against-accuracy table). An explicit `steps=` / `--steps` always wins.
 """
 
 from __future__ import annotations
 
 import enum
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +70,11 @@ _DPM_SCHEDULER = {
     "use_lu_lambdas": False,
     "variance_type": None,
 }
+DEFAULT_STEPS = 20  # Flow-DPM-Solver's count in the paper (14-20); the published folders sample with it
+DEFAULT_GUIDANCE = 4.5
+SCM_STEPS = 2  # Sana-Sprint's usual count
+SAMPLING_FILE = "sampling.json"
+SAMPLING_KEYS = ("steps", "guidance_scale")
 _SAMPLER_BY_CLASS = {
     "DPMSolverMultistepScheduler": "dpm",
     "FlowMatchEulerDiscreteScheduler": "euler",
@@ -73,11 +84,18 @@ _SAMPLER_BY_CLASS = {
 
 @dataclass(frozen=True)
 class SchedulerSpec:
-    """What a model folder says about sampling: the default sampler and the flow time shift."""
+    """What a model folder says about sampling: the default sampler, the flow time shift, and the steps and
+    guidance scale of a call that does not choose them (sampling.json, else the sampler's usual ones)."""
 
     sampler: str = "dpm"  # "dpm" | "euler" | "scm"
     flow_shift: float = 3.0
     sigma_data: float = 0.5  # SCM (Sprint) only
+    steps: int = None  # type: ignore[assignment]  # None -> the sampler's usual: SCM_STEPS or DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE
+
+    def __post_init__(self) -> None:
+        if self.steps is None:
+            object.__setattr__(self, "steps", SCM_STEPS if self.sampler == "scm" else DEFAULT_STEPS)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "scheduler config") -> SchedulerSpec:
@@ -90,7 +108,16 @@ class SchedulerSpec:
         if sampler == "dpm" and not data.get("use_flow_sigmas", False):
             raise ConfigError(f"{source}: DPMSolverMultistepScheduler without use_flow_sigmas is not a flow model")
         shift = data.get("flow_shift") if sampler == "dpm" else data.get("shift", 1.0)
-        return cls(sampler=sampler, flow_shift=float(shift or 1.0), sigma_data=float(data.get("sigma_data", 0.5)))
+        return cls(
+            sampler=sampler,
+            flow_shift=float(shift or 1.0),
+            sigma_data=float(data.get("sigma_data", 0.5)),
+        )
+
+    def sampling(self) -> dict[str, Any]:
+        """The sampling.json this spec needs: only what differs from its scheduler's usual settings."""
+        usual = SchedulerSpec(sampler=self.sampler)
+        return {k: getattr(self, k) for k in SAMPLING_KEYS if getattr(self, k) != getattr(usual, k)}
 
     def to_dict(self) -> dict[str, Any]:
         if self.sampler == "dpm":
@@ -234,9 +261,24 @@ def load_components(
 
 def _read_scheduler(root: Path) -> SchedulerSpec:
     path = root / "scheduler" / "scheduler_config.json"
+    spec = SchedulerSpec.from_dict(read_json(path), source=str(path)) if path.is_file() else SchedulerSpec()
+    return replace(spec, **read_sampling(root))
+
+
+def read_sampling(root: Path) -> dict[str, Any]:
+    """The folder's sampling.json, checked: {} without the file."""
+    path = root / SAMPLING_FILE
     if not path.is_file():
-        return SchedulerSpec()
-    return SchedulerSpec.from_dict(read_json(path), source=str(path))
+        return {}
+    data = read_json(path)
+    if not isinstance(data, dict) or set(data) - set(SAMPLING_KEYS):
+        raise ConfigError(f"{path}: expected an object with some of {list(SAMPLING_KEYS)}, got {data!r}")
+    steps, scale = data.get("steps", 1), data.get("guidance_scale", 1.0)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ConfigError(f"{path}: steps must be a positive integer, got {steps!r}")
+    if not isinstance(scale, int | float) or isinstance(scale, bool):
+        raise ConfigError(f"{path}: guidance_scale must be a number, got {scale!r}")
+    return {k: float(v) if k == "guidance_scale" else v for k, v in data.items()}
 
 
 def save_components(components: SanaComponents, folder: str | Path, *, dtype: torch.dtype | None = None) -> Path:
@@ -249,6 +291,11 @@ def save_components(components: SanaComponents, folder: str | Path, *, dtype: to
     save_model(components.vae, folder / "vae", dtype=dtype)
     save_text_encoder(components.text_encoder, folder)
     write_json(folder / "scheduler" / "scheduler_config.json", components.scheduler.to_dict())
+    sampling = components.scheduler.sampling()
+    if sampling:
+        write_json(folder / SAMPLING_FILE, sampling)
+    else:
+        (folder / SAMPLING_FILE).unlink(missing_ok=True)  # an older save's file must not outlive its settings
     write_json(folder / "model_index.json", model_index(components))
     return folder
 

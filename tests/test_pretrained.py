@@ -109,3 +109,39 @@ def test_the_folder_declares_its_instruction(tmp_path):
     assert choose_instruction() is not None and not isinstance(choose_instruction(), str)  # the model's own
     with pytest.raises(ValueError, match="contradict"):
         choose_instruction(no_chi=True, chi_file=str(chi))
+
+
+def test_a_folder_declares_its_steps_and_guidance(tmp_path):
+    """sampling.json: written only when the settings differ from the sampler's usual ones, read back into the
+    scheduler spec, used by a pipeline call that names neither, and checked with a one-line error."""
+    from dataclasses import replace
+
+    from sana.pipeline import SanaPipeline
+    from sana.pretrained import SAMPLING_FILE
+
+    assert SchedulerSpec().steps == 20 and SchedulerSpec(sampler="scm").steps == 2
+    parts = tiny_components(seed=0)
+    save_components(parts, tmp_path)
+    assert not (tmp_path / SAMPLING_FILE).exists()  # the usual 20 steps at 4.5
+    parts.scheduler = replace(parts.scheduler, steps=3, guidance_scale=2.0)
+    save_components(parts, tmp_path)
+    assert json.loads((tmp_path / SAMPLING_FILE).read_text()) == {"steps": 3, "guidance_scale": 2.0}
+    pipe = SanaPipeline.from_pretrained(tmp_path)
+    assert (pipe.scheduler.steps, pipe.scheduler.guidance_scale) == (3, 2.0)
+    seen = []
+    image = pipe("a cat", seed=0, height=64, width=64, callback=seen.append)[0]
+    assert len(seen) == 3 and json.loads(image.info["sana:parameters"])["guidance_scale"] == 2.0
+    seen.clear()
+    pipe("a cat", seed=0, steps=5, height=64, width=64, callback=seen.append)
+    assert len(seen) == 5  # an explicit count wins
+
+    (tmp_path / SAMPLING_FILE).write_text('{"steps": 0}')
+    with pytest.raises(ConfigError, match="steps must be a positive integer") as e:
+        load_components(tmp_path, parts=())
+    assert "\n" not in str(e.value)
+    (tmp_path / SAMPLING_FILE).write_text('{"stepz": 4}')
+    with pytest.raises(ConfigError, match="expected an object with some of"):
+        load_components(tmp_path, parts=())
+    parts.scheduler = replace(parts.scheduler, steps=20, guidance_scale=4.5)
+    save_components(parts, tmp_path)
+    assert not (tmp_path / SAMPLING_FILE).exists()  # a stale declaration does not outlive a re-save

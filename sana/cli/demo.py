@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
             save_components(tiny_components(seed=0), model)
         print(f"no shipped model yet: using a tiny random-weight model saved at {model}")
     pipe = SanaPipeline.from_pretrained(model)
-    image = pipe(args.prompt, seed=args.seed, steps=20)[0]
+    image = pipe(args.prompt, seed=args.seed)[0]  # the model's own steps
     path = save_image(image, out / "demo.png")
     print(f"{path} ({image.width}x{image.height}, prompt {args.prompt!r}, seed {args.seed})")
     if shipped_model() is not None:

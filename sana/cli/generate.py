@@ -17,8 +17,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model folder or Hub id (default: the model shipped with the package)")
     p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed+i (default: random)")
     p.add_argument("--images-per-prompt", type=int, default=1, help="images for each prompt")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps")
-    p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale (<= 1: off)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's, else 20; Sprint 2)")
+    p.add_argument(
+        "--guidance", type=float, help="classifier-free guidance scale, <= 1: off (default: the model's, else 4.5)"
+    )
     p.add_argument("--sampler", choices=["dpm", "euler", "scm"], help="default: the model folder's scheduler")
     p.add_argument("--height", type=int, help="image height, a multiple of 32 (default: the model's native size)")
     p.add_argument("--width", type=int, help="image width, a multiple of 32 (default: the model's native size)")
@@ -85,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
     check_settings(
         height=32 if args.height is None else args.height,
         width=32 if args.width is None else args.width,
-        steps=args.steps,
-        guidance_scale=args.guidance,
+        steps=1 if args.steps is None else args.steps,  # None: the model's, which loading checks
+        guidance_scale=1.0 if args.guidance is None else args.guidance,
         sampler=args.sampler or "dpm",
         pag_scale=args.pag_scale,
         pag_layers=[],

@@ -190,12 +190,21 @@ def evaluate_shapes(
         "categories": list(categories),
         "background_prob": background_prob,
         "batch_size": batch_size,
+        **_defaults_of(model),
         **{k: v for k, v in sampling.items() if v is not None},
     }
     if out is not None:
         report.save(out / "report.json")
         make_grid(thumbs, list(categories), grid_per_category).save(out / "grid.png")
     return report
+
+
+def _defaults_of(model: Any) -> dict[str, Any]:
+    """What a SanaPipeline samples with when a setting is left None (its folder's), so reports say it."""
+    spec = getattr(model, "scheduler", None)
+    if spec is None:
+        return {}
+    return {"steps": spec.steps, "guidance_scale": spec.guidance_scale, "sampler": spec.sampler}
 
 
 def _as_generate(model: Any, sampling: dict[str, Any]) -> Generate:

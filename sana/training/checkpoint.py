@@ -22,6 +22,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -299,7 +300,7 @@ def export_model(
     training time shift (training and sampling use the same shift). Written beside and renamed into place.
     """
     from sana.config import read_json
-    from sana.pretrained import INSTRUCTION_FILE, SchedulerSpec, load_components
+    from sana.pretrained import INSTRUCTION_FILE, SAMPLING_FILE, SchedulerSpec, load_components
     from sana.weights import save_model, write_json
 
     folder = Path(folder)
@@ -314,10 +315,12 @@ def export_model(
         if (components / INSTRUCTION_FILE).is_file():  # the captions were encoded with it: keep it with the model
             shutil.copy2(components / INSTRUCTION_FILE, tmp / INSTRUCTION_FILE)
         base = load_components(components, parts=()).scheduler
-        scheduler = SchedulerSpec(sampler=base.sampler, flow_shift=flow_shift, sigma_data=base.sigma_data)
+        scheduler = replace(base, flow_shift=flow_shift)  # a fine-tune samples as its base did (sampling.json)
         index = read_json(components / "model_index.json")
         index["transformer"] = ["diffusers", type(transformer).diffusers_class_name]
         write_json(tmp / "model_index.json", index)
     write_json(tmp / "scheduler" / "scheduler_config.json", scheduler.to_dict())
+    if scheduler.sampling():
+        write_json(tmp / SAMPLING_FILE, scheduler.sampling())
     _publish(tmp, folder)
     return folder
