@@ -4,15 +4,17 @@ Every accuracy comes from `sana.shapes.evaluate.evaluate_shapes`: fresh prompts 
 sana/shapes/world.py (prompt set = a pure function of --seed, image i sampled with seed + i), each image
 scored by the deterministic analyzer. Parts, each writing its own section of docs/shapes.md:
 
-  accuracy  --n-accuracy prompts per category at the defaults (Flow-DPM-Solver, 20 steps, CFG 4.5, 256^2);
+  accuracy  --n-accuracy prompts per category at the model's defaults (its sampling.json: steps, CFG), 256^2;
             also docs/shapes_grid.png
+  ceiling   the same prompts' ground-truth scenes encoded and decoded by the model's autoencoder: the score a
+            perfect DiT would get with this decoder (`sana.shapes.evaluate.autoencoder_generator`)
   steps     Flow-DPM-Solver and Flow-Euler at 5, 10, 14, 20, 28, 50 steps, --n-steps prompts per category,
             the same prompts and seeds for every setting; also docs/shapes_steps.png
   512       the defaults at 512x512 (16x16 latent tokens; the model was trained on 8x8 only)
   timing    `sana generate PROMPT --output F` in a fresh process, process start included, median of --runs,
             beside `python -c "import torch"` timed the same way (the floor any torch program pays here)
 
-Run: `python benchmarks/shapes_quality.py [--only accuracy,steps,512,timing] [--model PATH]`.
+Run: `python benchmarks/shapes_quality.py [--only accuracy,ceiling,steps,512,timing] [--model PATH]`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sana.pipeline import SanaPipeline
 from sana.pretrained import default_model
-from sana.shapes.evaluate import Report, evaluate_shapes
+from sana.shapes.evaluate import Report, autoencoder_generator, evaluate_shapes
 from sana.shapes.world import CATEGORIES
 
 DOC = DOCS / "shapes.md"
@@ -76,7 +78,7 @@ def part_accuracy(pipe: SanaPipeline, n: int, seed: int) -> None:
     met = [c for c in CATEGORIES if report.accuracy[c] >= TARGETS[c]]
     text = f"""## Accuracy at the defaults
 
-{n} fresh prompts per category (seed {seed}), Flow-DPM-Solver, 20 steps, guidance 4.5, 256x256, float32 on
+{n} fresh prompts per category (seed {seed}), {defaults(pipe)}, 256x256, float32 on
 {where()}; {time.perf_counter() - start:.0f} s in all. Targets met: {", ".join(met) or "none"}.
 
 {table([("shipped model", report)], with_targets=True)}
@@ -87,6 +89,25 @@ Which checks pass, per category (an image is correct when every check of its cat
 ![sample grid: green frame = correct, red = wrong](shapes_grid.png)
 """
     publish("shapes_accuracy", text)
+
+
+def defaults(pipe: SanaPipeline) -> str:
+    spec = pipe.scheduler
+    return f"{SAMPLERS.get(spec.sampler, spec.sampler)}, {spec.steps} steps, guidance {spec.guidance_scale:g}"
+
+
+def part_ceiling(pipe: SanaPipeline, n: int, seed: int) -> None:
+    report = evaluate_shapes(autoencoder_generator(pipe.vae), n_per_category=n, seed=seed)
+    text = f"""## The autoencoder's ceiling
+
+The same {n} prompts per category (seed {seed}), but each image is the prompt's ground-truth scene passed
+through the model's autoencoder (encode, then decode): what the model would score if its DiT produced the
+true scene's latents exactly. No DiT can score above this with this decoder.
+
+{table([("ground truth through the autoencoder", report)], with_targets=True)}
+{checks(report)}
+"""
+    publish("shapes_ceiling", text)
 
 
 def part_steps(pipe: SanaPipeline, n: int, seed: int) -> None:
@@ -106,7 +127,8 @@ def part_steps(pipe: SanaPipeline, n: int, seed: int) -> None:
     )
     text = f"""## Steps against quality
 
-{n} prompts per category (seed {seed}), the same prompts and seeds for every row, guidance 4.5, 256x256.
+{n} prompts per category (seed {seed}), the same prompts and seeds for every row, guidance
+{pipe.scheduler.guidance_scale:g}, 256x256.
 {verdict}
 
 {table(rows)}
@@ -150,7 +172,7 @@ def part_512(pipe: SanaPipeline, n: int, seed: int) -> None:
 
 Trained on 256x256 only (8x8 latent tokens). At 512x512 the DiT sees 16x16 tokens; NoPE means nothing in it
 is tied to a grid size, but it has never seen objects at these latent scales. {n} prompts per category
-(seed {seed}), Flow-DPM-Solver, 20 steps, guidance 4.5, the same prompts at both sizes.
+(seed {seed}), {defaults(pipe)}, the same prompts at both sizes.
 
 {table([("256x256 (trained)", r256), ("512x512", r512)])}"""
     publish("shapes_512", text)
@@ -165,7 +187,7 @@ def wall(cmd: list[str], runs: int) -> float:
     return statistics.median(times)
 
 
-def part_timing(model: str | None, runs: int) -> None:
+def part_timing(model: str | None, runs: int, settings: str) -> None:
     prompt = "a red circle above a blue square"
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "sana", "generate", prompt, "--seed", "0", "--output", f"{tmp}/x.png"]
@@ -175,8 +197,8 @@ def part_timing(model: str | None, runs: int) -> None:
         ours, base = wall(cmd, runs), wall(floor, runs)
     text = f"""## End-to-end time of one 256x256 image
 
-`sana generate "{prompt}" --seed 0 --output x.png` (20 Flow-DPM-Solver steps with CFG, the shipped model, float32),
-timed from process start to exit, median of {runs} runs on {where()}: **{ours:.2f} s**. For scale, the same
+`sana generate "{prompt}" --seed 0 --output x.png` (the model's defaults: {settings}; float32), timed
+from process start to exit, median of {runs} runs on {where()}: **{ours:.2f} s**. For scale, the same
 timer around `python -c "import torch"` gives {base:.2f} s ({base / ours:.0%} of it).
 """
     publish("shapes_timing", text)
@@ -197,7 +219,7 @@ def publish(name: str, text: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder (default: the shipped one)")
-    p.add_argument("--only", default="accuracy,steps,512,timing", help="comma-separated parts to run")
+    p.add_argument("--only", default="accuracy,ceiling,steps,512,timing", help="comma-separated parts to run")
     p.add_argument("--n-accuracy", type=int, default=100, help="prompts per category, accuracy part")
     p.add_argument("--n-steps", type=int, default=25, help="prompts per category, steps and 512 parts")
     p.add_argument("--seed", type=int, default=1000, help="prompt set (the training data never sees prompts)")
@@ -207,18 +229,20 @@ def main() -> None:
     global WRITE
     WRITE = not args.no_write
     parts = set(args.only.split(","))
-    unknown = parts - {"accuracy", "steps", "512", "timing"}
+    unknown = parts - {"accuracy", "ceiling", "steps", "512", "timing"}
     if unknown:
         p.error(f"unknown part(s) {sorted(unknown)}")
-    pipe = SanaPipeline.from_pretrained(args.model or default_model()) if parts - {"timing"} else None
+    pipe = SanaPipeline.from_pretrained(args.model or default_model())
     if "accuracy" in parts:
         part_accuracy(pipe, args.n_accuracy, args.seed)
+    if "ceiling" in parts:
+        part_ceiling(pipe, args.n_accuracy, args.seed)
     if "steps" in parts:
         part_steps(pipe, args.n_steps, args.seed)
     if "512" in parts:
         part_512(pipe, args.n_steps, args.seed)
     if "timing" in parts:
-        part_timing(args.model, args.runs)
+        part_timing(args.model, args.runs, defaults(pipe))
 
 
 if __name__ == "__main__":

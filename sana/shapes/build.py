@@ -1,20 +1,23 @@
 """`python -m sana.shapes.build` (`make shapes-model`): the shipped shapes model, from nothing, in one command.
 
-Seven steps, each with this project's own commands and each skipped when its result exists, so an interrupted
+Eight steps, each with this project's own commands and each skipped when its result exists, so an interrupted
 build resumes where it stopped (the three trainings resume from their newest checkpoint):
 
     1. data        `sana data shapes`: N procedural images with scored captions        -> data/shapes
     2. text        configs/train/shapes_text.yaml: BPE tokenizer + small Gemma-2 LM      -> runs/shapes-text/final
     3. autoencoder configs/train/shapes_dcae.yaml: DC-AE f32c32 at widths 8..128         -> runs/shapes-dcae/final
-    4. components  the two above as one model folder without a transformer, declaring
-                   that captions are encoded with no instruction prefix                  -> runs/shapes-components
-    5. cache       `sana cache`: latents + embeddings of every caption, 256^2, no buckets -> data/shapes-cache
-    6. dit         configs/train/shapes_dit.yaml: the Linear DiT by flow matching        -> runs/shapes-dit/final
-    7. ship        the final folder in float16, checked to load here and to fit the size
+    4. decoder     configs/train/shapes_decoder.yaml: its decoder trained on alone, the
+                   encoder (so the latent space) frozen                                -> runs/shapes-decoder/final
+    5. components  text encoder + autoencoder as one model folder without a transformer,
+                   declaring bare captions (instruction.json) and the sampling steps
+                   (sampling.json, SAMPLING below)                                      -> runs/shapes-components
+    6. cache       `sana cache`: latents + embeddings of every caption, 256^2, no buckets -> data/shapes-cache
+    7. dit         configs/train/shapes_dit.yaml: the Linear DiT by flow matching        -> runs/shapes-dit/final
+    8. ship        the final folder in float16, checked to load here and to fit the size
                    budget, copied into the package                                     -> sana/assets/shapes-model
 
 All paths are relative to --root (default: the working directory, a checkout of this repository, whose
-configs/train/ holds the three YAML files). Any step's settings can be changed in its YAML; --device picks
+configs/train/ holds the four YAML files). Any step's settings can be changed in its YAML; --device picks
 where the trainings run; `--dit-steps N` trains the DiT on from its newest checkpoint to N steps and ships the
 result (the cosine schedule is then stretched to N, a warm restart).
 """
@@ -38,8 +41,11 @@ logger = logging.getLogger("sana.shapes")
 SHIPPED_BUDGET_BYTES = 30 * 2**20  # the package ships at most 30 MB of model
 DATA, CACHE = Path("data/shapes"), Path("data/shapes-cache")
 COMPONENTS = Path("runs/shapes-components")
-CONFIGS = {name: Path(f"configs/train/shapes_{name}.yaml") for name in ("text", "dcae", "dit")}
-TEXT_FINAL, DCAE_FINAL, DIT_FINAL = (Path(f"runs/shapes-{n}/final") for n in ("text", "dcae", "dit"))
+CONFIGS = {name: Path(f"configs/train/shapes_{name}.yaml") for name in ("text", "dcae", "decoder", "dit")}
+TEXT_FINAL, DECODER_FINAL, DIT_FINAL = (Path(f"runs/shapes-{n}/final") for n in ("text", "decoder", "dit"))
+# What `sana generate` uses with this model when the call names no steps: the fewest Flow-DPM-Solver steps whose
+# accuracy matched 20 steps' in the measured table (docs/shapes.md, "Steps against quality").
+SAMPLING = {"steps": 20}
 _DONE = ".complete"  # written into the dataset folder after its last image
 
 
@@ -71,10 +77,10 @@ def run_training(name: str, device: str, max_steps: int | None = None) -> Path:
 
 
 def assemble_components(text: Path, dcae: Path, out: Path, flow_shift: float) -> Path:
-    """vae/ + text_encoder/ + tokenizer/ + scheduler/ + instruction.json: what `sana cache` and the DiT
-    training read; the DiT's export adds transformer/. Written beside `out` and renamed into place."""
+    """vae/ + text_encoder/ + tokenizer/ + scheduler/ + instruction.json + sampling.json: what `sana cache`
+    and the DiT training read; the DiT's export adds transformer/. Written beside `out`, renamed into place."""
     from sana.config import read_json
-    from sana.pretrained import SchedulerSpec, write_instruction
+    from sana.pretrained import SAMPLING_FILE, SchedulerSpec, write_instruction
     from sana.weights import write_json
 
     if (out / "model_index.json").is_file():
@@ -84,7 +90,10 @@ def assemble_components(text: Path, dcae: Path, out: Path, flow_shift: float) ->
     shutil.copytree(dcae / "vae", tmp / "vae")
     shutil.copytree(text / "text_encoder", tmp / "text_encoder")
     shutil.copytree(text / "tokenizer", tmp / "tokenizer")
-    write_json(tmp / "scheduler" / "scheduler_config.json", SchedulerSpec(flow_shift=flow_shift).to_dict())
+    spec = SchedulerSpec(flow_shift=flow_shift, **SAMPLING)
+    write_json(tmp / "scheduler" / "scheduler_config.json", spec.to_dict())
+    if spec.sampling():
+        write_json(tmp / SAMPLING_FILE, spec.sampling())
     write_instruction(tmp, None)  # the language model was trained on bare captions
     tokenizer_config = read_json(tmp / "tokenizer" / "tokenizer_config.json")
     index = {
@@ -138,7 +147,8 @@ def build(n_images: int, seed: int, device: str, out: Path, dit_steps: int | Non
         ("data", lambda: make_data(n_images, seed)),
         ("text", lambda: run_training("text", device)),
         ("autoencoder", lambda: run_training("dcae", device)),
-        ("components", lambda: assemble_components(TEXT_FINAL, DCAE_FINAL, COMPONENTS, _dit_shift())),
+        ("decoder", lambda: run_training("decoder", device)),
+        ("components", lambda: assemble_components(TEXT_FINAL, DECODER_FINAL, COMPONENTS, _dit_shift())),
         ("cache", lambda: make_cache(_dev(device))),
         ("dit", lambda: run_training("dit", device, dit_steps)),
         ("ship", lambda: ship(DIT_FINAL, out)),

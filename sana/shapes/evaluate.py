@@ -117,6 +117,24 @@ def oracle_generator(side: int = 256) -> Generate:
     return generate
 
 
+def autoencoder_generator(vae: Any, side: int = 256) -> Generate:
+    """The ground truth of each prompt (as `oracle_generator`) encoded and decoded by `vae` (a DCAE): what a
+    model with this autoencoder would draw if its DiT were perfect, so its score is the autoencoder's ceiling."""
+    import torch
+
+    truth = oracle_generator(side)
+    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+
+    @torch.inference_mode()
+    def generate(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        pixels = np.stack([np.asarray(im, dtype=np.float32) for im in truth(prompts, seeds)])  # (B, H, W, 3)
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).div(127.5).sub(1).to(device, dtype)  # [-1, 1]
+        y = vae.decode(vae.encode(x)).float().clamp(-1, 1).add(1).mul(127.5).round().byte()
+        return [Image.fromarray(a) for a in y.permute(0, 2, 3, 1).cpu().numpy()]
+
+    return generate
+
+
 def evaluate_shapes(
     model: Any,
     *,

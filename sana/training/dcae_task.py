@@ -4,6 +4,7 @@
     max_steps: 20000
     task: dcae
     model: {preset: shapes-f32c32}           # or {config: {...DCAEConfig fields}}, or {pretrained: vae folder}
+                                             # (+ decoder_only: true, to sharpen a decoder, latents unchanged)
     data: {path: data/shapes, resolution: 256, batch_size: 16, buckets: false}   # sana.data.DataConfig
     loss:
       reconstruction: l1                     # or mse; in [-1, 1] pixel space
@@ -32,6 +33,12 @@ The latent scale. After training, `scaling_samples` images from the data are enc
 config.json gets `scaling_factor = 1 / std(raw latents)` (the std over every latent element), so
 `DCAE.encode` returns latents of unit standard deviation, the scale the DiT's noise assumes. The mean is
 logged but not removed (DCAEConfig has no shift, like the published DC-AE).
+
+Decoder-only fine-tuning (`model.decoder_only: true`, with `model.pretrained`). The encoder is frozen (and run
+without gradients), so the latent space, and the scaling_factor, which is kept rather than measured again,
+stay exactly those of the pretrained autoencoder: every latent cache and every DiT trained on it stays valid,
+and a decoder can go on learning sharper reconstructions after the DiT has been trained (as Stable Diffusion's
+ft-MSE decoder did).
 
 Export: `RUN/final/vae/`, a diffusers-layout folder (config.json + safetensors via sana.weights.save_model)
 that both `sana.weights.load_model(DCAE, ...)` and diffusers' `AutoencoderDC.from_pretrained` read.
@@ -113,11 +120,13 @@ class AutoencoderModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] | None = None
     pretrained: str | None = None
+    decoder_only: bool = False  # train the decoder alone: the latents stay the pretrained encoder's
     dtype: Literal["fp32", "bf16"] = "fp32"  # master weights
 
     def __post_init__(self) -> None:
         chosen = [n for n in ("preset", "config", "pretrained") if getattr(self, n) is not None]
         _check(len(chosen) == 1, "model: set exactly one of model.preset, model.config or model.pretrained")
+        _check(not self.decoder_only or self.pretrained is not None, "model.decoder_only needs model.pretrained")
         _check(not self.overrides or self.preset is not None, "model.overrides only applies to model.preset")
         if self.pretrained is None:
             self.dcae_config()  # a bad preset name or field fails at load time, with its dotted key
@@ -319,7 +328,9 @@ class AutoencoderTrainer(nn.Module):
     def forward(
         self, images: torch.Tensor, adversarial: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        latent = self.vae.encoder(images)  # (B, C_lat, H/f, W/f), raw: decode(encode(x)) cancels the scale
+        train_encoder = any(p.requires_grad for p in self.vae.encoder.parameters())
+        with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
+            latent = self.vae.encoder(images)  # (B, C_lat, H/f, W/f), raw: decode(encode(x)) cancels the scale
         recon = self.vae.decoder(latent)  # (B, 3, H, W)
         if self.discriminator is None:
             return recon, None, None
@@ -372,12 +383,15 @@ class DCAETask(Task):
                 vae.init_weights()
             discriminator = PatchDiscriminator(adv.channels, adv.layers) if adv.enabled else None
         self.vae_config = vae.config
-        model = AutoencoderTrainer(vae, discriminator).to(parse_dtype(m.dtype)).train()
-        return model.requires_grad_(True)
+        model = AutoencoderTrainer(vae, discriminator).to(parse_dtype(m.dtype)).train().requires_grad_(True)
+        if m.decoder_only:
+            model.vae.encoder.requires_grad_(False)
+        return model
 
     def describe(self) -> str:
         m, loss = self.cfg.model, self.cfg.loss
         where = f"fine-tuning {m.pretrained}" if m.pretrained else f"from scratch ({m.preset or 'inline config'})"
+        where = f"{where}, decoder only" if m.decoder_only else where
         where = f"resumed from {self.resume}" if self.resume else where
         terms = [loss.reconstruction] + [n for n in ("perceptual", "adversarial") if getattr(loss, n).enabled]
         return f"{where}, loss {' + '.join(terms)}"
@@ -419,16 +433,17 @@ class DCAETask(Task):
         if not self.ctx.is_main:
             return {"final_model": None}
         vae = vae_with(self.vae_config, sub_state(weights, "vae"), self.ctx.device)
-        std, mean = latent_statistics(vae, self.scaling_batches(), self.cfg.scaling_samples)
-        vae = vae_with(dataclasses.replace(self.vae_config, scaling_factor=1.0 / std), vae.state_dict(), "cpu")
+        if self.cfg.model.decoder_only:  # the pretrained encoder, so its latents and their scale, unchanged
+            scale = f"scaling_factor {self.vae_config.scaling_factor:.6g} kept (decoder only)"
+        else:
+            std, mean = latent_statistics(vae, self.scaling_batches(), self.cfg.scaling_samples)
+            vae = vae_with(dataclasses.replace(self.vae_config, scaling_factor=1.0 / std), vae.state_dict(), "cpu")
+            scale = f"raw latent std {std:.4g}, mean {mean:.3g}: scaling_factor {1.0 / std:.6g}"
         final = Path(self.cfg.run_dir) / "final"
         tmp = temporary_folder(final)
-        save_model(vae, tmp / "vae")
+        save_model(vae.cpu(), tmp / "vae")
         publish_folder(tmp, final)
-        run.logger.info(
-            f"final autoencoder -> {final / 'vae'} (raw latent std {std:.4g}, mean {mean:.3g}: "
-            f"scaling_factor {1.0 / std:.6g})"
-        )
+        run.logger.info(f"final autoencoder -> {final / 'vae'} ({scale})")
         return {"final_model": final}
 
     def scaling_batches(self) -> Any:

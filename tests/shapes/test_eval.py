@@ -11,7 +11,7 @@ from PIL import Image
 from sana.cli.main import main
 from sana.pipeline import SanaPipeline
 from sana.pretrained import save_components
-from sana.shapes.evaluate import evaluate_shapes, make_prompts, oracle_generator
+from sana.shapes.evaluate import autoencoder_generator, evaluate_shapes, make_prompts, oracle_generator
 from sana.shapes.world import CATEGORIES
 from sana.tiny import tiny_components
 
@@ -47,6 +47,32 @@ def test_a_random_tiny_model_runs_through_the_benchmark(model_dir, tmp_path):
     assert [r["seed"] for r in records] == [5, 6, 7, 8] and [r["category"] for r in records] == list(CATEGORIES)
     assert all(r["analysis"]["width"] == pipe.default_size for r in records)
     assert (tmp_path / "grid.png").is_file() and len(list((tmp_path / "images").glob("*.png"))) == 4
+
+
+def test_the_autoencoder_ceiling_is_the_truth_through_encode_and_decode(model_dir):
+    """A 256 px truth through the shipped autoencoder keeps its scene (colours, objects) closely; a random
+    autoencoder's pictures are not scenes at all. Either way: one image per prompt, the truth's size."""
+    import numpy as np
+    import torch
+
+    from sana.models.dcae import DCAE
+    from sana.pretrained import SHIPPED_MODEL_DIR
+    from sana.weights import load_model
+
+    prompts, seeds = ["a red circle above a blue square", "two green triangles"], [0, 1]
+    truth = oracle_generator()(prompts, seeds)
+    shipped = autoencoder_generator(load_model(DCAE, SHIPPED_MODEL_DIR / "vae"))(prompts, seeds)
+    random_vae = DCAE(load_model(DCAE, SHIPPED_MODEL_DIR / "vae").config)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        random_vae.init_weights()
+    scrambled = autoencoder_generator(random_vae.eval())(prompts, seeds)
+    error = lambda a, b: np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()  # noqa: E731
+    for t, good, bad in zip(truth, shipped, scrambled, strict=True):
+        assert good.size == bad.size == t.size == (256, 256)
+        assert error(good, t) < 8 < 40 < error(bad, t)
+    report = evaluate_shapes(autoencoder_generator(load_model(DCAE, SHIPPED_MODEL_DIR / "vae")), n_per_category=2)
+    assert report.accuracy["single"] == 1.0
 
 
 def test_prompts_are_seeded_per_category():

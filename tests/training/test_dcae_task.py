@@ -116,6 +116,22 @@ def test_resume_is_exact_with_every_loss_term(images, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_decoder_only_fine_tuning_keeps_the_latent_space(cli_run, images, tmp_path):
+    """Encoder weights and scaling_factor are the pretrained ones bit for bit; the decoder learned."""
+    from sana.models.dcae import DCAE
+    from sana.weights import load_model
+
+    pretrained = cli_run / "final" / "vae"
+    model = f"model={{pretrained: {pretrained}, decoder_only: true}}"
+    overrides = [f"run_dir={tmp_path}", f"data.path={images}", model, "max_steps=3", *QUIET]
+    train(load_train_config(CONFIGS / "tiny_dcae.yaml", overrides))
+    before, after = load_model(DCAE, pretrained), load_model(DCAE, tmp_path / "final" / "vae")
+    assert after.config == before.config  # scaling_factor included: kept, not measured again
+    old, new = before.state_dict(), after.state_dict()
+    assert all(torch.equal(old[k], new[k]) for k in old if k.startswith("encoder."))
+    assert not all(torch.equal(old[k], new[k]) for k in old if k.startswith("decoder."))
+
+
 def test_loss_terms_move_only_their_own_network():
     """The generator term reaches the autoencoder only, the discriminator loss the discriminator only; the
     perceptual term is a differentiable distance that is 0 between equal images."""
@@ -159,6 +175,7 @@ def test_loss_terms_move_only_their_own_network():
         ("flow.shift=3", r"unknown key flow: it belongs to task dit, and this run has task: dcae"),
         ("loss.reconstruction=l3", r"loss\.reconstruction must be one of 'l1', 'mse'"),
         ("distributed.strategy=fsdp", r"task dcae supports ddp only"),
+        ("model.decoder_only=true", r"model\.decoder_only needs model\.pretrained"),
     ],
 )
 def test_config_errors_name_the_dotted_key(override, message):
@@ -175,3 +192,17 @@ def test_shapes_preset_compresses_256_to_8x8x32():
     vae = DCAE(config)
     with torch.no_grad():
         assert vae.encode(torch.zeros(1, 3, 256, 256)).shape == (1, 32, 8, 8)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_training_config_loads(path):
+    load_train_config(path)  # every key known, every value valid: a YAML in configs/ is never stale
+
+
+def test_the_shapes_decoder_config_sharpens_the_shapes_autoencoder():
+    dcae, decoder = (
+        load_train_config(CONFIGS / "shapes_dcae.yaml"),
+        load_train_config(CONFIGS / "shapes_decoder.yaml"),
+    )
+    assert decoder.model.decoder_only and decoder.model.pretrained == f"{dcae.run_dir}/final/vae"
+    assert decoder.data == dcae.data  # the same images
