@@ -11,7 +11,7 @@ import torch
 
 from sana.pipeline import SanaPipeline
 from sana.pretrained import SHIPPED_MODEL_DIR, default_model, load_components, shipped_model
-from sana.shapes.build import SHIPPED_BUDGET_BYTES, folder_bytes
+from sana.shapes.build import SAMPLING, SHIPPED_BUDGET_BYTES, folder_bytes
 
 DEMO_PROMPT = "a red circle above a blue square"
 
@@ -27,6 +27,9 @@ def test_shipped_folder_is_complete_small_and_the_default():
     # Trained on bare captions: the folder says so, and the loaded text encoder adds no prefix.
     declared = json.loads((SHIPPED_MODEL_DIR / "instruction.json").read_text())
     assert declared == {"complex_human_instruction": None}
+    # Its measured step count (sana/shapes/build.py SAMPLING) is what a call naming no steps uses.
+    assert json.loads((SHIPPED_MODEL_DIR / "sampling.json").read_text()) == SAMPLING
+    assert load_components(SHIPPED_MODEL_DIR, parts=()).scheduler.steps == SAMPLING["steps"] != 20
     parts = load_components(SHIPPED_MODEL_DIR)
     assert parts.text_encoder.instruction is None
     assert parts.transformer.config.sample_size * parts.vae.config.spatial_compression == 256
@@ -44,7 +47,7 @@ def test_diffusers_draws_the_same_image_from_the_shipped_folder(pipe):
     ref = theirs(
         DEMO_PROMPT,
         generator=torch.Generator("cpu").manual_seed(3),
-        num_inference_steps=20,
+        num_inference_steps=SAMPLING["steps"],  # what ours uses below, from the folder's sampling.json
         guidance_scale=4.5,
         height=256,
         width=256,
@@ -54,3 +57,16 @@ def test_diffusers_draws_the_same_image_from_the_shipped_folder(pipe):
     ours = pipe(DEMO_PROMPT, seed=3)[0]
     diff = np.abs(np.asarray(ours, dtype=np.int16) - np.asarray(ref, dtype=np.int16))
     assert (diff <= 2).mean() >= 0.999, f"max diff {diff.max()}, share > 2: {(diff > 2).mean():.4f}"
+
+
+def test_the_shipped_model_draws_the_colour_it_is_asked_for(pipe):
+    """What the shipped model has learned so far (docs/shapes.md): the prompt's colour. Eight fresh counting
+    prompts ("four orange squares", ...) at its default settings: the analyzer finds the asked colour in at least
+    seven. The previous shipped model, blind to the text, found it in 46 % of counting prompts (so in seven of
+    eight about 2 % of the time). Shapes, sizes, counts and relations are not learned yet: the benchmark's
+    targets are not met (README)."""
+    from sana.shapes.evaluate import evaluate_shapes
+
+    report = evaluate_shapes(pipe, n_per_category=8, seed=7, categories=["counting"])
+    colours = [r["checks"]["colour"] for r in report.records]
+    assert sum(colours) >= 7, [(r["prompt"], r["analysis"]["objects"]) for r in report.records]
