@@ -44,8 +44,8 @@ COMPONENTS = Path("runs/shapes-components")
 CONFIGS = {name: Path(f"configs/train/shapes_{name}.yaml") for name in ("text", "dcae", "decoder", "dit")}
 TEXT_FINAL, DECODER_FINAL, DIT_FINAL = (Path(f"runs/shapes-{n}/final") for n in ("text", "decoder", "dit"))
 # What `sana generate` uses with this model when a call names no steps. Measured on the shipped model (200
-# benchmark prompts, docs/shapes.md): Flow-DPM-Solver at 10 and at 14 steps scored the same (6 %), 20 steps 7 %
-# (two more of 50 single-object prompts right, within noise), and 10 steps are 0.4 s faster than 20 end to end.
+# benchmark prompts, `sana eval shapes --n-per-category 50 --seed 1000 --steps N`): Flow-DPM-Solver at 10 steps
+# scored 14 %, 14 steps 15 %, 20 steps 11 % (within noise), and 10 steps are 0.4 s faster than 20 end to end.
 SAMPLING = {"steps": 10}
 _DONE = ".complete"  # written into the dataset folder after its last image
 
