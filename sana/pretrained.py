@@ -291,13 +291,19 @@ def save_components(components: SanaComponents, folder: str | Path, *, dtype: to
     save_model(components.vae, folder / "vae", dtype=dtype)
     save_text_encoder(components.text_encoder, folder)
     write_json(folder / "scheduler" / "scheduler_config.json", components.scheduler.to_dict())
-    sampling = components.scheduler.sampling()
+    write_sampling(folder, components.scheduler)
+    write_json(folder / "model_index.json", model_index(components))
+    return folder
+
+
+def write_sampling(folder: Path, spec: SchedulerSpec) -> None:
+    """folder/sampling.json with what `spec` changes from its sampler's usual settings; none when nothing (an
+    older save's file must not outlive its settings)."""
+    sampling = spec.sampling()
     if sampling:
         write_json(folder / SAMPLING_FILE, sampling)
     else:
-        (folder / SAMPLING_FILE).unlink(missing_ok=True)  # an older save's file must not outlive its settings
-    write_json(folder / "model_index.json", model_index(components))
-    return folder
+        (folder / SAMPLING_FILE).unlink(missing_ok=True)
 
 
 def save_text_encoder(text_encoder: TextEncoder, folder: Path) -> None:

@@ -81,7 +81,7 @@ def assemble_components(text: Path, dcae: Path, out: Path, flow_shift: float) ->
     """vae/ + text_encoder/ + tokenizer/ + scheduler/ + instruction.json + sampling.json: what `sana cache`
     and the DiT training read; the DiT's export adds transformer/. Written beside `out`, renamed into place."""
     from sana.config import read_json
-    from sana.pretrained import SAMPLING_FILE, SchedulerSpec, write_instruction
+    from sana.pretrained import SchedulerSpec, write_instruction, write_sampling
     from sana.weights import write_json
 
     if (out / "model_index.json").is_file():
@@ -93,8 +93,7 @@ def assemble_components(text: Path, dcae: Path, out: Path, flow_shift: float) ->
     shutil.copytree(text / "tokenizer", tmp / "tokenizer")
     spec = SchedulerSpec(flow_shift=flow_shift, **SAMPLING)
     write_json(tmp / "scheduler" / "scheduler_config.json", spec.to_dict())
-    if spec.sampling():
-        write_json(tmp / SAMPLING_FILE, spec.sampling())
+    write_sampling(tmp, spec)
     write_instruction(tmp, None)  # the language model was trained on bare captions
     tokenizer_config = read_json(tmp / "tokenizer" / "tokenizer_config.json")
     index = {

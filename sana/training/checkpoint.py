@@ -300,7 +300,7 @@ def export_model(
     training time shift (training and sampling use the same shift). Written beside and renamed into place.
     """
     from sana.config import read_json
-    from sana.pretrained import INSTRUCTION_FILE, SAMPLING_FILE, SchedulerSpec, load_components
+    from sana.pretrained import INSTRUCTION_FILE, SchedulerSpec, load_components, write_sampling
     from sana.weights import save_model, write_json
 
     folder = Path(folder)
@@ -320,7 +320,6 @@ def export_model(
         index["transformer"] = ["diffusers", type(transformer).diffusers_class_name]
         write_json(tmp / "model_index.json", index)
     write_json(tmp / "scheduler" / "scheduler_config.json", scheduler.to_dict())
-    if scheduler.sampling():
-        write_json(tmp / SAMPLING_FILE, scheduler.sampling())
+    write_sampling(tmp, scheduler)
     _publish(tmp, folder)
     return folder
