@@ -1,23 +1,21 @@
 """`python -m sana.shapes.build` (`make shapes-model`): the shipped shapes model, from nothing, in one command.
 
-Eight steps, each with this project's own commands and each skipped when its result exists, so an interrupted
-build resumes where it stopped (the four trainings resume from their newest checkpoint):
+Seven steps, each with this project's own commands and each skipped when its result exists, so an interrupted
+build resumes where it stopped (the three trainings resume from their newest checkpoint):
 
     1. data        `sana data shapes`: N procedural images with scored captions        -> data/shapes
     2. text        configs/train/shapes_text.yaml: BPE tokenizer + small Gemma-2 LM      -> runs/shapes-text/final
     3. autoencoder configs/train/shapes_dcae.yaml: DC-AE f32c32 at widths 8..128         -> runs/shapes-dcae/final
-    4. decoder     configs/train/shapes_decoder.yaml: its decoder trained on alone, the
-                   encoder (so the latent space) frozen                                -> runs/shapes-decoder/final
-    5. components  text encoder + autoencoder as one model folder without a transformer,
+    4. components  text encoder + autoencoder as one model folder without a transformer,
                    declaring bare captions (instruction.json) and the sampling steps
                    (sampling.json, SAMPLING below)                                      -> runs/shapes-components
-    6. cache       `sana cache`: latents + embeddings of every caption, 256^2, no buckets -> data/shapes-cache
-    7. dit         configs/train/shapes_dit.yaml: the Linear DiT by flow matching        -> runs/shapes-dit/final
-    8. ship        the final folder in float16, checked to load here and to fit the size
+    5. cache       `sana cache`: latents + embeddings of every caption, 256^2, no buckets -> data/shapes-cache
+    6. dit         configs/train/shapes_dit.yaml: the Linear DiT by flow matching        -> runs/shapes-dit/final
+    7. ship        the final folder in float16, checked to load here and to fit the size
                    budget, copied into the package                                     -> sana/assets/shapes-model
 
 All paths are relative to --root (default: the working directory, a checkout of this repository, whose
-configs/train/ holds the four YAML files). Any step's settings can be changed in its YAML; --device picks
+configs/train/ holds the three YAML files). Any step's settings can be changed in its YAML; --device picks
 where the trainings run; `--dit-steps N` trains the DiT on from its newest checkpoint to N steps and ships the
 result (the cosine schedule is then stretched to N, a warm restart).
 """
@@ -41,8 +39,8 @@ logger = logging.getLogger("sana.shapes")
 SHIPPED_BUDGET_BYTES = 30 * 2**20  # the package ships at most 30 MB of model
 DATA, CACHE = Path("data/shapes"), Path("data/shapes-cache")
 COMPONENTS = Path("runs/shapes-components")
-CONFIGS = {name: Path(f"configs/train/shapes_{name}.yaml") for name in ("text", "dcae", "decoder", "dit")}
-TEXT_FINAL, DECODER_FINAL, DIT_FINAL = (Path(f"runs/shapes-{n}/final") for n in ("text", "decoder", "dit"))
+CONFIGS = {name: Path(f"configs/train/shapes_{name}.yaml") for name in ("text", "dcae", "dit")}
+TEXT_FINAL, DCAE_FINAL, DIT_FINAL = (Path(f"runs/shapes-{n}/final") for n in ("text", "dcae", "dit"))
 # What `sana generate` uses with this model when a call names no steps. Measured on the shipped model (200
 # benchmark prompts, `sana eval shapes --n-per-category 50 --seed 1000 --steps N`): Flow-DPM-Solver at 10 steps
 # scored 14 %, 14 steps 15 %, 20 steps 11 % (within noise), and 10 steps are 0.4 s faster than 20 end to end.
@@ -147,8 +145,7 @@ def build(n_images: int, seed: int, device: str, out: Path, dit_steps: int | Non
         ("data", lambda: make_data(n_images, seed)),
         ("text", lambda: run_training("text", device)),
         ("autoencoder", lambda: run_training("dcae", device)),
-        ("decoder", lambda: run_training("decoder", device)),
-        ("components", lambda: assemble_components(TEXT_FINAL, DECODER_FINAL, COMPONENTS, _dit_shift())),
+        ("components", lambda: assemble_components(TEXT_FINAL, DCAE_FINAL, COMPONENTS, _dit_shift())),
         ("cache", lambda: make_cache(_dev(device))),
         ("dit", lambda: run_training("dit", device, dit_steps)),
         ("ship", lambda: ship(DIT_FINAL, out)),

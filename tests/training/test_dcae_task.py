@@ -198,11 +198,3 @@ def test_shapes_preset_compresses_256_to_8x8x32():
 def test_every_shipped_training_config_loads(path):
     load_train_config(path)  # every key known, every value valid: a YAML in configs/ is never stale
 
-
-def test_the_shapes_decoder_config_sharpens_the_shapes_autoencoder():
-    dcae, decoder = (
-        load_train_config(CONFIGS / "shapes_dcae.yaml"),
-        load_train_config(CONFIGS / "shapes_decoder.yaml"),
-    )
-    assert decoder.model.decoder_only and decoder.model.pretrained == f"{dcae.run_dir}/final/vae"
-    assert decoder.data == dcae.data  # the same images
