@@ -197,4 +197,3 @@ def test_shapes_preset_compresses_256_to_8x8x32():
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_training_config_loads(path):
     load_train_config(path)  # every key known, every value valid: a YAML in configs/ is never stale
-
