@@ -8,7 +8,7 @@ build resumes where it stopped (the three trainings resume from their newest che
     3. autoencoder configs/train/shapes_dcae.yaml: DC-AE f32c32 at widths 8..128         -> runs/shapes-dcae/final
     4. components  text encoder + autoencoder as one model folder without a transformer,
                    declaring bare captions (instruction.json) and the sampling steps
-                   (sampling.json, SAMPLING below)                                      -> runs/shapes-components
+                   (SAMPLING below; sampling.json only if they are not the usual)    -> runs/shapes-components
     5. cache       `sana cache`: latents + embeddings of every caption, 256^2, no buckets -> data/shapes-cache
     6. dit         configs/train/shapes_dit.yaml: the Linear DiT by flow matching        -> runs/shapes-dit/final
     7. ship        the final folder in float16, checked to load here and to fit the size
@@ -79,7 +79,7 @@ def run_training(name: str, device: str, max_steps: int | None = None) -> Path:
 
 
 def assemble_components(text: Path, dcae: Path, out: Path, flow_shift: float) -> Path:
-    """vae/ + text_encoder/ + tokenizer/ + scheduler/ + instruction.json + sampling.json: what `sana cache`
+    """vae/ + text_encoder/ + tokenizer/ + scheduler/ + instruction.json (+ sampling.json): what `sana cache`
     and the DiT training read; the DiT's export adds transformer/. Written beside `out`, renamed into place."""
     from sana.config import read_json
     from sana.pretrained import SchedulerSpec, write_instruction, write_sampling
