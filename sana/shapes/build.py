@@ -8,7 +8,7 @@ build resumes where it stopped (the three trainings resume from their newest che
     3. autoencoder configs/train/shapes_dcae.yaml: DC-AE f32c32 at widths 8..128         -> runs/shapes-dcae/final
     4. components  text encoder + autoencoder as one model folder without a transformer,
                    declaring bare captions (instruction.json) and the sampling steps
-                   (SAMPLING below; sampling.json only if they are not the usual)    -> runs/shapes-components
+                   (SAMPLING below; sampling.json only if they are not the usual)        -> runs/shapes-components
     5. cache       `sana cache`: latents + embeddings of every caption, 256^2, no buckets -> data/shapes-cache
     6. dit         configs/train/shapes_dit.yaml: the Linear DiT by flow matching        -> runs/shapes-dit/final
     7. ship        the final folder in float16, checked to load here and to fit the size
