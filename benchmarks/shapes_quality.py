@@ -41,8 +41,8 @@ from PIL import Image, ImageDraw, ImageFont
 from sana.flow import dit_timesteps, interpolate, velocity_target
 from sana.pipeline import SanaPipeline
 from sana.pretrained import default_model
-from sana.shapes.evaluate import Report, autoencoder_generator, evaluate_shapes
-from sana.shapes.world import CATEGORIES, PromptSpec, Thing, render, render_prompt, sample_prompts
+from sana.shapes.evaluate import Report, autoencoder_generator, evaluate_shapes, oracle_generator
+from sana.shapes.world import CATEGORIES, PromptSpec, Thing, sample_prompts
 
 DOC = DOCS / "shapes.md"
 _PAGE = "# The shipped shapes model\n\nFigures written by `benchmarks/shapes_quality.py`.\n"
@@ -201,7 +201,7 @@ def part_probe(pipe: SanaPipeline, n: int, seed: int) -> None:
             for s in specs
         ],
     }
-    scenes = [render(render_prompt(s, np.random.default_rng(seed + i))) for i, s in enumerate(specs)]
+    scenes = oracle_generator()([s.text for s in specs], [seed + i for i in range(len(specs))])
     pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in scenes]))  # (B, H, W, 3)
     times = (0.3, 0.5, 0.7, 0.9)
     with torch.inference_mode():

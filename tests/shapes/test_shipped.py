@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from sana.pipeline import SanaPipeline
-from sana.pretrained import SHIPPED_MODEL_DIR, SchedulerSpec, default_model, load_components, shipped_model
+from sana.pretrained import (
+    SHIPPED_MODEL_DIR,
+    SchedulerSpec,
+    default_model,
+    load_components,
+    read_sampling,
+    shipped_model,
+)
 from sana.shapes.build import SAMPLING, SHIPPED_BUDGET_BYTES, folder_bytes
 
 DEMO_PROMPT = "a red circle above a blue square"
@@ -29,9 +36,7 @@ def test_shipped_folder_is_complete_small_and_the_default():
     assert declared == {"complex_human_instruction": None}
     # Its measured step count (sana/shapes/build.py SAMPLING) is what a call naming no steps uses, and the folder
     # declares exactly what differs from the usual settings (nothing, for the usual 20 steps).
-    sampling = SHIPPED_MODEL_DIR / "sampling.json"
-    declared = json.loads(sampling.read_text()) if sampling.is_file() else {}
-    assert declared == SchedulerSpec(flow_shift=1.0, **SAMPLING).sampling()
+    assert read_sampling(SHIPPED_MODEL_DIR) == SchedulerSpec(flow_shift=1.0, **SAMPLING).sampling()
     assert load_components(SHIPPED_MODEL_DIR, parts=()).scheduler.steps == SAMPLING["steps"]
     parts = load_components(SHIPPED_MODEL_DIR)
     assert parts.text_encoder.instruction is None
@@ -50,7 +55,7 @@ def test_diffusers_draws_the_same_image_from_the_shipped_folder(pipe):
     ref = theirs(
         DEMO_PROMPT,
         generator=torch.Generator("cpu").manual_seed(3),
-        num_inference_steps=SAMPLING["steps"],  # what ours uses below, from the folder's sampling.json
+        num_inference_steps=SAMPLING["steps"],  # what ours uses below, naming no steps
         guidance_scale=4.5,
         height=256,
         width=256,
