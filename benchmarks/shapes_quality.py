@@ -258,11 +258,11 @@ def role_readout(pipe: SanaPipeline, specs: list[PromptSpec]) -> str:
     cut = 3 * len(x) // 4  # fit on the first three quarters, score on the rest (whole prompts on either side)
     w = np.linalg.solve(x[:cut].T @ x[:cut] + 1e-2 * np.eye(x.shape[1]), x[:cut].T @ y[:cut])  # ridge
     held_out = float(np.mean(np.sign(x[cut:] @ w) == y[cut:]))
-    return f"""The text side, on the same prompts: a ridge read-out fitted on the last hidden state of each colour and
-shape word of {cut // 4} prompts tells whether the word belongs to the first or the second object for
-{held_out:.0%} of the words of the other {(len(x) - cut) // 4} (chance: 50%); the same word's state in the prompt and
-in its swapped twin has a mean cosine similarity of {np.mean(same):.2f}. So the order is in what the DiT reads;
-the loss table above says whether the DiT uses it.
+    return f"""The text side, on the same prompts: a ridge read-out fitted on the last hidden state of each
+colour and shape word of {cut // 4} prompts tells whether the word belongs to the first or the second object
+for {held_out:.0%} of the words of the other {(len(x) - cut) // 4} (chance: 50%); the same word's state in the
+prompt and in its swapped twin has a mean cosine similarity of {np.mean(same):.2f}. So the order is in what
+the DiT reads; the loss table above says whether the DiT uses it.
 """
 
 
