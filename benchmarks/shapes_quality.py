@@ -302,8 +302,8 @@ def position_readout(pipe: SanaPipeline, x0: torch.Tensor, text: TextEmbeddings,
     positions = "sincos positions" if pipe.transformer.config.interpolation_scale is not None else "no positions"
     head = "| | " + " | ".join(f"block {i}" for i in range(len(cells))) + " |\n|---|" + "---:|" * len(cells)
     return f"""The image side ({positions}): a ridge read-out of each token's column (0-{w - 1}) from each block's
-output at t = {t}, fitted on {cut} scenes and scored on the other {n - cut}: R² / share of tokens put in the
-right half (left or right; chance 50%).
+output at t = {t}, fitted on {cut} scenes and scored on the other {n - cut}: R² / share of tokens placed in the
+correct half, left or right (chance 50%).
 
 {head}
 | column | {" | ".join(cells)} |
