@@ -43,6 +43,7 @@ from docs_section import DOCS, write_section
 from PIL import Image, ImageDraw, ImageFont
 
 from sana.flow import dit_timesteps, interpolate, velocity_target
+from sana.models.text_encoder import TextEncoder
 from sana.pipeline import SanaPipeline
 from sana.pretrained import default_model
 from sana.shapes.evaluate import Report, autoencoder_generator, evaluate_shapes, oracle_generator
@@ -259,7 +260,7 @@ def role_readout(pipe: SanaPipeline, specs: list[PromptSpec]) -> str:
                     same.append(F.cosine_similarity(given[at_given[word]], other[at_other[word]], dim=0).item())
     x, y = np.stack(feats), np.array(roles)  # (4n, C), (4n,) in {-1, +1}
     x = np.concatenate([x, np.ones((len(x), 1))], axis=1)  # bias column
-    cut = 3 * len(x) // 4  # fit on the first three quarters, score on the rest (whole prompts on either side)
+    cut = 4 * (3 * len(specs) // 4)  # four words a prompt: fit on ~3/4 of the prompts, score on the rest
     w = np.linalg.solve(x[:cut].T @ x[:cut] + 1e-2 * np.eye(x.shape[1]), x[:cut].T @ y[:cut])  # ridge
     held_out = float(np.mean(np.sign(x[cut:] @ w) == y[cut:]))
     return f"""The text side, on the same prompts: a ridge read-out fitted on the last hidden state of each
@@ -310,7 +311,7 @@ correct half, left or right (chance 50%).
 """
 
 
-def word_positions(encoder, text: str) -> dict[str, int]:
+def word_positions(encoder: TextEncoder, text: str) -> dict[str, int]:
     """Each word of `text` -> the index of its last token in the encoded sequence (<bos> is index 0)."""
     words = text.split()
     return {w: len(encoder.tokenizer.encode(" ".join(words[: k + 1]))) - 1 for k, w in enumerate(words)}
