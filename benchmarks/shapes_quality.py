@@ -238,31 +238,36 @@ prompt with their colours swapped ("a blue circle above a red square"). In brack
 prompt as given. A wrong prompt the DiT has learned to read raises the loss; one it ignores leaves it flat.
 
 {head}{rows}
-{role_readout(pipe, specs)}
+{role_readout(pipe.text_encoder, variants["as given"], texts["as given"], texts["objects swapped"])}
 {position_readout(pipe, x0, texts["as given"], seed)}"""
     publish("shapes_probe", text)
 
 
-def role_readout(pipe: SanaPipeline, specs: list[PromptSpec]) -> str:
+def ridge_predict(x: np.ndarray, y: np.ndarray, cut: int, lam: float) -> np.ndarray:
+    """Ridge regression with a bias column, fitted on rows [:cut] of x (rows, features); predicts rows [cut:]."""
+    x = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+    coef = np.linalg.solve(x[:cut].T @ x[:cut] + lam * np.eye(x.shape[1]), x[:cut].T @ y[:cut])
+    return x[cut:] @ coef
+
+
+def role_readout(
+    encoder: TextEncoder, specs: list[PromptSpec], given: TextEmbeddings, swapped: TextEmbeddings
+) -> str:
     """Whether the order is in the text at all: can a linear read-out tell, from the text encoder's last hidden
-    state at a colour or shape word, whether that word belongs to the first or the second object?"""
-    encoder = pipe.text_encoder
+    state at a colour or shape word, whether that word belongs to the first or the second object? `given` and
+    `swapped` are the encoded prompts and their object-swapped twins, row for row."""
     feats, roles, same = [], [], []
-    with torch.inference_mode():
-        for s in specs:
-            swapped = PromptSpec("relation", s.other, relation=s.relation, other=s.subject)
-            given, other = encoder.encode([s.text, swapped.text]).hidden  # (L, C) each
-            at_given, at_other = word_positions(encoder, s.text), word_positions(encoder, swapped.text)
-            for role, thing in enumerate((s.subject, s.other)):
-                for word in (thing.colour, thing.shape):
-                    feats.append(given[at_given[word]].float().numpy())
-                    roles.append(2.0 * role - 1.0)
-                    same.append(F.cosine_similarity(given[at_given[word]], other[at_other[word]], dim=0).item())
+    for s, here, there in zip(specs, given.hidden, swapped.hidden, strict=True):  # (L, C) each
+        twin = PromptSpec("relation", s.other, relation=s.relation, other=s.subject)
+        at_here, at_there = word_positions(encoder, s.text), word_positions(encoder, twin.text)
+        for role, thing in enumerate((s.subject, s.other)):
+            for word in (thing.colour, thing.shape):
+                feats.append(here[at_here[word]].float().numpy())
+                roles.append(2.0 * role - 1.0)
+                same.append(F.cosine_similarity(here[at_here[word]], there[at_there[word]], dim=0).item())
     x, y = np.stack(feats), np.array(roles)  # (4n, C), (4n,) in {-1, +1}
-    x = np.concatenate([x, np.ones((len(x), 1))], axis=1)  # bias column
     cut = 4 * (3 * len(specs) // 4)  # four words a prompt: fit on ~3/4 of the prompts, score on the rest
-    w = np.linalg.solve(x[:cut].T @ x[:cut] + 1e-2 * np.eye(x.shape[1]), x[:cut].T @ y[:cut])  # ridge
-    held_out = float(np.mean(np.sign(x[cut:] @ w) == y[cut:]))
+    held_out = float(np.mean(np.sign(ridge_predict(x, y, cut, 1e-2)) == y[cut:]))
     return f"""The text side, on the same prompts: a ridge read-out fitted on the last hidden state of each
 colour and shape word of {cut // 4} prompts tells whether the word belongs to the first or the second object
 for {held_out:.0%} of the words of the other {(len(x) - cut) // 4} (chance: 50%); the same word's state in the
@@ -291,15 +296,12 @@ def position_readout(pipe: SanaPipeline, x0: torch.Tensor, text: TextEmbeddings,
     column = np.tile(np.arange(w, dtype=np.float64), h)  # token index = row * w + column
     cut = 3 * n // 4
     cells = []
+    y = np.tile(column, n)  # (n*h*w,)
+    truth = y[cut * h * w :]  # the held-out scenes' tokens
     for out in outs:  # (B, h*w, C) each
-        x = out.float().numpy().reshape(n * h * w, -1)
-        x = np.concatenate([x, np.ones((len(x), 1))], axis=1)
-        y = np.tile(column, n)
-        fit, test = slice(0, cut * h * w), slice(cut * h * w, None)
-        coef = np.linalg.solve(x[fit].T @ x[fit] + np.eye(x.shape[1]), x[fit].T @ y[fit])
-        guess = x[test] @ coef
-        half = np.mean((guess > (w - 1) / 2) == (y[test] > (w - 1) / 2))
-        cells.append(f"{1 - np.mean((guess - y[test]) ** 2) / np.var(y[test]):.2f} / {half:.0%}")
+        guess = ridge_predict(out.float().numpy().reshape(n * h * w, -1), y, cut * h * w, 1.0)
+        half = np.mean((guess > (w - 1) / 2) == (truth > (w - 1) / 2))
+        cells.append(f"{1 - np.mean((guess - truth) ** 2) / np.var(truth):.2f} / {half:.0%}")
     positions = "sincos positions" if pipe.transformer.config.interpolation_scale is not None else "no positions"
     head = "| | " + " | ".join(f"block {i}" for i in range(len(cells))) + " |\n|---|" + "---:|" * len(cells)
     return f"""The image side ({positions}): a ridge read-out of each token's column (0-{w - 1}) from each block's
