@@ -11,6 +11,10 @@ scored by the deterministic analyzer. Parts, each writing its own section of doc
   steps     Flow-DPM-Solver and Flow-Euler at 5, 10, 14, 20, 28, 50 steps, --n-steps prompts per category,
             the same prompts and seeds for every setting; also docs/shapes_steps.png
   512       the defaults at 512x512 (16x16 latent tokens; the model was trained on 8x8 only)
+  placement where the two objects of a relation prompt go, when both are drawn right: along the asked axis
+            or across it, and on the asked side or mirrored; for --n-accuracy fresh prompts and for as many
+            relation captions of the training set itself (regenerated from the build's dataset seed), so a
+            failure to generalise and a failure to learn look different
   probe     what the DiT reads in a relation prompt: its flow-matching loss on the true scenes of --n-accuracy
             relation prompts, with the prompt as given, with its two objects swapped (the opposite scene) and
             with their colours swapped; same noise and times. A DiT that ignores a change barely moves.
@@ -21,7 +25,7 @@ scored by the deterministic analyzer. Parts, each writing its own section of doc
   timing    `sana generate PROMPT --output F` in a fresh process, process start included, median of --runs,
             beside `python -c "import torch"` timed the same way (the floor any torch program pays here)
 
-Run: `python benchmarks/shapes_quality.py [--only accuracy,ceiling,steps,512,probe,timing] [--model PATH]`.
+Run: `python benchmarks/shapes_quality.py [--only PART,PART,...] [--model PATH]` (default: every part).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +51,28 @@ from sana.flow import dit_timesteps, interpolate, velocity_target
 from sana.models.text_encoder import TextEncoder
 from sana.pipeline import SanaPipeline
 from sana.pretrained import default_model
-from sana.shapes.evaluate import Report, autoencoder_generator, evaluate_shapes, oracle_generator
-from sana.shapes.world import CATEGORIES, PromptSpec, Thing, sample_prompts
+from sana.shapes.analyzer import Analysis, analyze, check
+from sana.shapes.build import DATA_SEED, N_IMAGES
+from sana.shapes.evaluate import (
+    Report,
+    autoencoder_generator,
+    evaluate_shapes,
+    oracle_generator,
+    pipeline_generator,
+)
+from sana.shapes.world import (
+    CATEGORIES,
+    IMAGE_SIZE,
+    PromptSpec,
+    Thing,
+    all_prompts,
+    captions,
+    parse_prompt,
+    render,
+    render_prompt,
+    sample_prompts,
+    scene_for_index,
+)
 from sana.types import TextEmbeddings
 
 DOC = DOCS / "shapes.md"
@@ -190,6 +215,76 @@ is tied to a grid size, but it has never seen objects at these latent scales. {n
     publish("shapes_512", text)
 
 
+def part_placement(pipe: SanaPipeline, n: int, seed: int) -> None:
+    fresh = [s for s in sample_prompts("relation", 2 * n, np.random.default_rng(seed)) if _distinct(s)][:n]
+    seen = trained_relation_prompts(n)
+    generate = pipeline_generator(pipe)
+    rows = []
+    for name, specs in ((f"fresh prompts (seed {seed})", fresh), ("captions of the training set", seen)):
+        counts: Counter[str | None] = Counter()
+        for start in range(0, len(specs), 10):  # ten images at a time bounds the decoder's memory
+            batch = specs[start : start + 10]
+            images = generate([s.text for s in batch], [seed + start + i for i in range(len(batch))])
+            counts.update(placement(s, analyze(im)) for s, im in zip(batch, images, strict=True))
+        drawn = len(specs) - counts[None]
+        along = counts["asked side"] + counts["mirrored"]
+        rows.append(
+            f"| {name} | {len(specs)} | {drawn} | {along} of {drawn} ({along / max(drawn, 1):.0%}) | "
+            f"{counts['asked side']} of {along} ({counts['asked side'] / max(along, 1):.0%}) |"
+        )
+    text = f"""## Where the objects of a relation prompt go
+
+Relation prompts whose two objects differ in colour and in shape, at the defaults ({defaults(pipe)}), image i
+with seed {seed} + i. Of the images where both objects were drawn right, how many put the pair along the
+asked axis (side by side for "left of" / "right of", one over the other for "above" / "below"; about half
+would by chance), and of those, how many put the named first object on the asked side (chance: half). The
+second row asks the same of relation captions the DiT was trained on (the plain phrasing, from the first
+scenes of the build's dataset, seed {DATA_SEED}): if it does no better there, it has not learned relations
+at all, rather than learned them and failed to generalise.
+
+| prompts | n | both objects right | along the asked axis | ... and on the asked side |
+|---|---:|---:|---:|---:|
+{chr(10).join(rows)}
+"""
+    publish("shapes_placement", text)
+
+
+def _distinct(spec: PromptSpec) -> bool:
+    return spec.subject.colour != spec.other.colour and spec.subject.shape != spec.other.shape
+
+
+def trained_relation_prompts(n: int) -> list[PromptSpec]:
+    """The first `n` plain relation captions ("a red circle above a blue square", objects distinct in colour
+    and shape) of the shipped model's training set, in scene order: scenes are a pure function of
+    (seed, index), so they come back without the dataset on disk."""
+    out: list[PromptSpec] = []
+    for index in range(N_IMAGES):
+        scene = scene_for_index(DATA_SEED, index)
+        if len(scene.objects) != 2:  # a relation caption of a larger scene leaves objects unsaid
+            continue
+        for text, _score in captions(scene):
+            try:
+                spec = parse_prompt(text)
+            except ValueError:  # a phrasing outside the prompt grammar (sizes inside a relation, a listing)
+                continue
+            if spec.category == "relation" and spec.background is None:
+                if _distinct(spec):
+                    out.append(spec)
+                break  # one caption per scene (its plain phrasing; the reversed one comes later)
+        if len(out) == n:
+            return out
+    raise ValueError(f"the training set has fewer than {n} plain relation captions")
+
+
+def placement(spec: PromptSpec, analysis: Analysis) -> str | None:
+    """None unless an object matching each of the two is found; else, by the analyzer's checks, "asked side"
+    (the relation holds), "mirrored" (only its axis does: the sides are swapped) or "off axis"."""
+    if not all(any(o.matches(thing) for o in analysis.objects) for thing in (spec.subject, spec.other)):
+        return None
+    result = check(spec, analysis)
+    return "asked side" if result["relation"] else "mirrored" if result["axis"] else "off axis"
+
+
 def part_probe(pipe: SanaPipeline, n: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     pool = sample_prompts("relation", 4 * n, rng)
@@ -209,7 +304,7 @@ def part_probe(pipe: SanaPipeline, n: int, seed: int) -> None:
     }
     scenes = oracle_generator()([s.text for s in specs], [seed + i for i in range(len(specs))])
     pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in scenes]))  # (B, H, W, 3)
-    times = (0.3, 0.5, 0.7, 0.9, 0.95)
+    times = (0.3, 0.5, 0.7, 0.9, 0.95, 0.98)
     with torch.inference_mode():
         x0 = pipe.vae.encode(pixels.permute(0, 3, 1, 2).div(127.5).sub(1))  # scaled latents, as the DiT sees
         texts = {k: pipe.text_encoder.encode([s.text for s in v]) for k, v in variants.items()}
@@ -238,9 +333,42 @@ prompt with their colours swapped ("a blue circle above a red square"). In brack
 prompt as given. A wrong prompt the DiT has learned to read raises the loss; one it ignores leaves it flat.
 
 {head}{rows}
+{prior_mean_gap(pipe, variants, seed)}
 {role_readout(pipe.text_encoder, variants["as given"], texts["as given"], texts["objects swapped"])}
+{binding_readout(pipe.text_encoder, seed)}
 {position_readout(pipe, x0, texts["as given"], seed)}"""
     publish("shapes_probe", text)
+
+
+def prior_mean_gap(pipe: SanaPipeline, variants: dict[str, list[PromptSpec]], seed: int, n: int = 24) -> str:
+    """How big the loss table's gaps could be: at t -> 1 the DiT sees only noise, so the best it can predict is
+    the mean latent of all scenes of its prompt (the prior mean), and its loss is that mean's squared error.
+    Estimated on the first `n` prompts from renders: scenes of the prompt as given, scored against the prior
+    mean of each variant's prompt and against a mean that ignores where things are (the scenes' mean latent
+    vector, the same at every token)."""
+    renders = 48  # scenes per prompt and mean: enough for the gaps, small beside the DiT's loss
+    rng = np.random.default_rng(seed)
+
+    def latents(spec: PromptSpec) -> torch.Tensor:  # (renders, C, h, w)
+        pixels = np.stack([np.asarray(render(render_prompt(spec, rng)), dtype=np.float32) for _ in range(renders)])
+        with torch.inference_mode():
+            return pipe.vae.encode(torch.from_numpy(pixels).permute(0, 3, 1, 2).div(127.5).sub(1))
+
+    error: dict[str, list[float]] = {k: [] for k in [*variants, "blind to layout"]}
+    for i in range(n):
+        scenes = latents(variants["as given"][i])
+        means = {
+            k: latents(v[i]).mean(0) for k, v in variants.items()
+        }  # fresh scenes, so no scene is its own mean
+        means["blind to layout"] = scenes.mean((0, 2, 3))[:, None, None]  # (C, 1, 1)
+        for k, mean in means.items():
+            error[k].append(((scenes - mean) ** 2).mean().item())
+    given = float(np.mean(error["as given"]))
+    gaps = ", ".join(f"{k} {np.mean(v) / given - 1:+.1%}" for k, v in error.items() if k != "as given")
+    return f"""For scale, the loss an ideal DiT would pay at t -> 1, where it can only predict the mean latent of
+its prompt's scenes: {given:.4f} with the prompt as given (first {n} prompts, {renders} renders per mean); {gaps}.
+Those are the gaps a DiT that had learned where a prompt's objects go would show at the highest t.
+"""
 
 
 def ridge_predict(x: np.ndarray, y: np.ndarray, cut: int, lam: float) -> np.ndarray:
@@ -273,6 +401,85 @@ colour and shape word of {cut // 4} prompts tells whether the word belongs to th
 for {held_out:.0%} of the words of the other {(len(x) - cut) // 4} (chance: 50%); the same word's state in the
 prompt and in its swapped twin has a mean cosine similarity of {np.mean(same):.2f}. So the order is in what
 the DiT reads; the loss table above says whether the DiT uses it.
+"""
+
+
+class _Placer(torch.nn.Module):
+    """One cross-attention from a learned query per latent cell to the text states, then an MLP: each cell's
+    share of the first and of the second object. The DiT's cross-attention, given the one thing a NoPE DiT
+    lacks, a query that knows its cell."""
+
+    def __init__(self, text_dim: int, cells: int, dim: int = 128, heads: int = 4) -> None:
+        super().__init__()
+        self.query = torch.nn.Parameter(torch.randn(cells, dim) * 0.02)
+        self.kv = torch.nn.Linear(text_dim, 2 * dim)
+        self.attn = torch.nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = torch.nn.Sequential(
+            torch.nn.LayerNorm(dim), torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(), torch.nn.Linear(2 * dim, dim)
+        )
+        self.out = torch.nn.Linear(dim, 2)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, L, C), (B, L)
+        k, v = self.kv(hidden).chunk(2, dim=-1)
+        x = self.query.expand(len(hidden), -1, -1)
+        x = x + self.attn(x, k, v, key_padding_mask=~mask.bool())[0]
+        return self.out(x + self.mlp(x))  # (B, cells, 2)
+
+
+def binding_readout(encoder: TextEncoder, seed: int, grid: int = 8, steps: int = 1500) -> str:
+    """Whether the text states say which object goes where, in a form one cross-attention can read: `_Placer`
+    trained (supervised, no noise) on where the two objects of rendered relation scenes lie, then asked on
+    held-out prompts whether the first object's predicted centre lies on the asked side of the second's."""
+    pool = all_prompts("relation")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(pool))
+    cut = 4 * len(pool) // 5
+    fit, held = [pool[i] for i in order[:cut]], [pool[i] for i in order[cut:]]
+    fit = fit * 8  # eight random scenes per prompt: the target is where the objects lie on average
+    cell = IMAGE_SIZE / grid
+
+    def occupancy(spec: PromptSpec) -> np.ndarray:  # (grid*grid, 2): each cell's share of each object's box
+        edges = np.arange(grid + 1) * cell
+        out = []
+        for obj in render_prompt(spec, rng).objects:
+            x0, y0, x1, y1 = obj.bbox
+            wx = np.clip(np.minimum(edges[1:], x1) - np.maximum(edges[:-1], x0), 0, None) / cell
+            wy = np.clip(np.minimum(edges[1:], y1) - np.maximum(edges[:-1], y0), 0, None) / cell
+            out.append(np.outer(wy, wx).reshape(-1))  # token index = row * grid + column
+        return np.stack(out, axis=1)
+
+    with torch.inference_mode():
+        text_fit, text_held = encoder.encode([s.text for s in fit]), encoder.encode([s.text for s in held])
+    target = torch.from_numpy(np.stack([occupancy(s) for s in fit])).float()
+    torch.manual_seed(seed)
+    placer = _Placer(text_fit.hidden.shape[-1], grid * grid)
+    opt = torch.optim.Adam(placer.parameters(), lr=1e-3)
+    hidden, mask = text_fit.hidden.float(), text_fit.mask
+    row, col = np.divmod(np.arange(grid * grid), grid)
+    checkpoints, scores = (steps // 6, steps // 3, steps), []
+    for step in range(1, steps + 1):
+        i = torch.randint(0, len(fit), (256,))
+        loss = F.mse_loss(placer(hidden[i], mask[i]), target[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step in checkpoints:
+            with torch.no_grad():
+                share = placer(text_held.hidden.float(), text_held.mask).clamp(min=0).numpy()  # (n, cells, 2)
+            weight = share / np.maximum(share.sum(axis=1, keepdims=True), 1e-6)
+            dx = weight[..., 1] @ col - weight[..., 0] @ col  # second object's centre minus the first's
+            dy = weight[..., 1] @ row - weight[..., 0] @ row
+            along = [
+                {"to the left of": x, "to the right of": -x, "above": y, "below": -y}[s.relation]
+                for s, x, y in zip(held, dx, dy, strict=True)
+            ]
+            scores.append(f"{np.mean(np.array(along) > 0):.0%} after {step * 256 // 1000}k scenes")
+    return f"""And whether the text says which object goes where, in a form the DiT's cross-attention could read:
+one cross-attention layer from a learned query per latent cell ({grid}x{grid}) to these states, trained
+without noise on where the two objects of rendered scenes lie ({len(fit) // 8} relation prompts, eight random
+scenes each), puts the first object's centre on the asked side of the second's for {", ".join(scores)}, on
+the {len(held)} prompts it never saw (chance: 50%). The DiT's own cross-attention reads the same states; what
+its queries lack, without positions, is knowing their cell.
 """
 
 
@@ -361,7 +568,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder (default: the shipped one)")
     p.add_argument(
-        "--only", default="accuracy,ceiling,steps,512,probe,timing", help="comma-separated parts to run"
+        "--only", default="accuracy,ceiling,steps,512,placement,probe,timing", help="comma-separated parts to run"
     )
     p.add_argument("--n-accuracy", type=int, default=100, help="prompts per category, accuracy part")
     p.add_argument("--n-steps", type=int, default=25, help="prompts per category, steps and 512 parts")
@@ -372,7 +579,7 @@ def main() -> None:
     global WRITE
     WRITE = not args.no_write
     parts = set(args.only.split(","))
-    unknown = parts - {"accuracy", "ceiling", "steps", "512", "probe", "timing"}
+    unknown = parts - {"accuracy", "ceiling", "steps", "512", "placement", "probe", "timing"}
     if unknown:
         p.error(f"unknown part(s) {sorted(unknown)}")
     pipe = SanaPipeline.from_pretrained(args.model or default_model())
@@ -384,6 +591,8 @@ def main() -> None:
         part_steps(pipe, args.n_steps, args.seed)
     if "512" in parts:
         part_512(pipe, args.n_steps, args.seed)
+    if "placement" in parts:
+        part_placement(pipe, args.n_accuracy, args.seed)
     if "probe" in parts:
         part_probe(pipe, args.n_accuracy, args.seed)
     if "timing" in parts:

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-from sana.shapes.world import BACKGROUNDS, COLOURS, RGB, PromptSpec, Thing, relation_holds, size_class
+from sana.shapes.world import BACKGROUNDS, COLOURS, RGB, PromptSpec, Thing, axis_holds, relation_holds, size_class
 
 ANALYSIS_SIDE = 256  # images are analysed with their shorter side resized to this
 MAX_OBJECTS = 8  # twice the most a scene holds: more objects than this and an image is judged noise
@@ -274,6 +274,8 @@ def check(spec: PromptSpec, analysis: Analysis) -> dict[str, bool]:
     colour / shape: every colour / every shape the prompt names appears on some object;
     size (sized): an object with the prompt's colour, shape and size class;
     relation (relation): an object matching the subject lies `relation` an object matching the other;
+    axis (relation): such a pair lies along the relation's axis, in either order (`axis_holds`); an image with
+        the axis right but not the relation drew the scene mirrored;
     count (counting): exactly `count` objects with the prompt's colour and shape;
     background (only when the prompt names one): the background is that colour;
     correct: the whole prompt holds: single = an object of that colour and shape; sized = also of that size;
@@ -293,12 +295,10 @@ def check(spec: PromptSpec, analysis: Analysis) -> dict[str, bool]:
     elif spec.category == "sized":
         out["size"] = out["correct"] = bool(subject)
     elif spec.category == "relation":
-        others = [o for o in objs if o.matches(spec.other)]
+        pairs = [(a.centre, b.centre) for a in subject for b in objs if b.matches(spec.other) and a is not b]
+        out["axis"] = any(axis_holds(spec.relation, a, b, analysis.side) for a, b in pairs)
         out["relation"] = out["correct"] = any(
-            relation_holds(spec.relation, a.centre, b.centre, analysis.side)
-            for a in subject
-            for b in others
-            if a is not b
+            relation_holds(spec.relation, a, b, analysis.side) for a, b in pairs
         )
     else:
         out["count"] = out["correct"] = len(subject) == spec.count

@@ -38,6 +38,7 @@ logger = logging.getLogger("sana.shapes")
 
 SHIPPED_BUDGET_BYTES = 30 * 2**20  # the package ships at most 30 MB of model
 DATA, CACHE = Path("data/shapes"), Path("data/shapes-cache")
+N_IMAGES, DATA_SEED = 10000, 0  # the shipped model's training set: scenes 0..N_IMAGES-1 of this seed
 COMPONENTS = Path("runs/shapes-components")
 CONFIGS = {name: Path(f"configs/train/shapes_{name}.yaml") for name in ("text", "dcae", "dit")}
 TEXT_FINAL, DCAE_FINAL, DIT_FINAL = (Path(f"runs/shapes-{n}/final") for n in ("text", "dcae", "dit"))
@@ -174,8 +175,8 @@ def _dev(device: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, default=Path("."), help="checkout to build in (default: here)")
-    p.add_argument("--n", type=int, default=10000, help="training images (default: 10000)")
-    p.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
+    p.add_argument("--n", type=int, default=N_IMAGES, help=f"training images (default: {N_IMAGES})")
+    p.add_argument("--seed", type=int, default=DATA_SEED, help=f"dataset seed (default: {DATA_SEED})")
     p.add_argument("--device", default="auto", help="torch device for training and caching (default: auto)")
     p.add_argument("--out", type=Path, default=None, help=f"where to ship it (default: {SHIPPED_MODEL_DIR})")
     p.add_argument(

@@ -166,6 +166,12 @@ def relation_holds(relation: str, a: tuple[float, float], b: tuple[float, float]
     return along > abs(across) and along > 0.05 * side
 
 
+def axis_holds(relation: str, a: tuple[float, float], b: tuple[float, float], side: float) -> bool:
+    """Whether centres `a` and `b` lie along `relation`'s axis in either order (side by side for left/right,
+    one over the other for above/below): the half of a relation that needs no telling the two objects apart."""
+    return relation_holds(relation, a, b, side) or relation_holds(_INVERSE[relation], a, b, side)
+
+
 # ------------------------------------------------------------------------------------------------ rendering
 
 

@@ -23,6 +23,8 @@ from sana.shapes.world import (
 )
 
 PER_CATEGORY = 12
+INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below"}
+INVERSE["below"] = "above"
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +119,21 @@ def test_a_red_circle_is_not_blue_and_partial_checks_say_why():
     assert result == {"clean": True, "found": True, "colour": False, "shape": True, "correct": False}
     result = check(PromptSpec("counting", Thing("red", "circle"), 2), analyze(image))
     assert result["found"] is False and result["count"] is False
+
+
+def test_axis_tells_a_mirrored_scene_from_a_scene_on_the_wrong_axis(cases):
+    relations = [(spec, noisy) for spec, _, _, noisy in cases if spec.category == "relation"]
+    assert relations
+    perpendicular = {"to the left of": "above", "to the right of": "below", "above": "to the left of"}
+    perpendicular["below"] = "to the right of"
+    for spec, noisy in relations:
+        analysis = analyze(noisy)
+        mirrored = check(dataclasses.replace(spec, relation=INVERSE[spec.relation]), analysis)
+        across = check(dataclasses.replace(spec, relation=perpendicular[spec.relation]), analysis)
+        assert (mirrored["axis"], mirrored["relation"]) == (True, False), spec.text
+        assert (across["axis"], across["relation"]) == (False, False), spec.text
+        swapped = dataclasses.replace(spec, subject=spec.other, other=spec.subject)  # the same scene, read back
+        assert (check(swapped, analysis)["axis"], check(swapped, analysis)["relation"]) == (True, False)
 
 
 def test_noise_specks_are_ignored_and_odd_blobs_get_no_label():
