@@ -35,6 +35,11 @@ _THUMB = 160  # grid cell: image side in pixels
 _LABEL = 40  # grid cell: caption strip below the image
 
 
+# The analyzer's partial checks (`sana.shapes.analyzer.check`) in the order tables show them; a category has
+# only some of them ("axis" and "relation" only relation prompts, for instance).
+CHECKS = ("found", "colour", "shape", "size", "axis", "relation", "count", "clean")
+
+
 @dataclass
 class Report:
     accuracy: dict[str, float]  # category -> fraction of its images fully correct
@@ -59,7 +64,7 @@ class Report:
 
     def summary(self) -> str:
         """A plain-text table: accuracy and partial checks per category, then the overall score."""
-        names = ["found", "colour", "shape", "size", "relation", "count", "clean"]
+        names = CHECKS
         lines = [f"{'category':<10} {'n':>4} {'accuracy':>8}  " + " ".join(f"{c:>8}" for c in names)]
         for category, acc in self.accuracy.items():
             n = sum(r["category"] == category for r in self.records)
