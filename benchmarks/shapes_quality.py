@@ -361,9 +361,8 @@ def prior_mean_gap(pipe: SanaPipeline, variants: dict[str, list[PromptSpec]], se
     error: dict[str, list[float]] = {k: [] for k in [*variants, "blind to layout"]}
     for i in range(n):
         scenes = latents(variants["as given"][i])
-        means = {
-            k: latents(v[i]).mean(0) for k, v in variants.items()
-        }  # fresh scenes, so no scene is its own mean
+        # Each mean from fresh scenes of its own, so that no scene is scored against a mean it is part of.
+        means = {k: latents(v[i]).mean(0) for k, v in variants.items()}
         means["blind to layout"] = scenes.mean((0, 2, 3))[:, None, None]  # (C, 1, 1)
         for k, mean in means.items():
             error[k].append(((scenes - mean) ** 2).mean().item())
