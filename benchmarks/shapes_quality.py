@@ -25,6 +25,10 @@ scored by the deterministic analyzer. Parts, each writing its own section of doc
             second object" from the last hidden state of each colour and shape word; and whether the image
             tokens know their column (a ridge read-out of it from each block's output; NoPE leaves only the
             zero padding of the Mix-FFN's 3x3 convolution to tell them)
+  handoff   the DiT handed the true layout: each prompt's ground-truth scene, encoded, noised to where the
+            default schedule stands after k of its steps (with the noise a normal run of that seed draws), then
+            sampled the remaining steps at the defaults; --n-steps prompts per category for sized, relation
+            and counting. Where accuracy jumps says which steps decide what the DiT gets wrong
   timing    `sana generate PROMPT --output F` in a fresh process, process start included, median of --runs,
             beside `python -c "import torch"` timed the same way (the floor any torch program pays here)
 
@@ -51,13 +55,18 @@ from docs_section import DOCS, write_section
 from PIL import Image, ImageDraw, ImageFont
 
 from sana.flow import dit_timesteps, interpolate, velocity_target
+from sana.images import to_pil
 from sana.models.text_encoder import TextEncoder
-from sana.pipeline import SanaPipeline
+from sana.pipeline import SanaPipeline, check_settings, initial_noise, seeded_generators
 from sana.pretrained import default_model
+from sana.samplers.dpm_solver import sample_dpm_solver
+from sana.samplers.guidance import uses_guidance
+from sana.samplers.schedules import dpm_flow_sigmas, model_timesteps
 from sana.shapes.analyzer import Analysis, analyze, check
 from sana.shapes.build import DATA_SEED, N_IMAGES
 from sana.shapes.evaluate import (
     CHECKS,
+    Generate,
     Report,
     autoencoder_generator,
     evaluate_shapes,
@@ -251,6 +260,70 @@ at all, rather than learned them and failed to generalise.
 {chr(10).join(rows)}
 """
     publish("shapes_placement", text)
+
+
+HANDOFF_SKIPS = (0, 1, 2, 3, 4, 6, 10)
+HANDOFF_CATEGORIES = ("sized", "relation", "counting")  # single objects are right already
+
+
+def part_handoff(pipe: SanaPipeline, n: int, seed: int) -> None:
+    sigmas = dpm_flow_sigmas(pipe.scheduler.steps, pipe.scheduler.flow_shift)
+    rows = []
+    for skip in HANDOFF_SKIPS:
+        generate = handoff_generator(pipe, skip)
+        r = evaluate_shapes(generate, n_per_category=n, seed=seed, categories=HANDOFF_CATEGORIES)
+        name = "none: a normal run from noise" if skip == 0 else f"after {skip} of {len(sigmas) - 1} steps"
+        rows.append(
+            f"| {name} | {float(sigmas[skip]):.2f} | "
+            + " | ".join(f"{r.accuracy[c]:.0%}" for c in HANDOFF_CATEGORIES)
+            + f" | {r.checks['relation']['axis']:.0%} |"
+        )
+        print(rows[-1], flush=True)
+    text = f"""## Which steps decide what goes wrong: the DiT handed the true layout
+
+{n} prompts per category (seed {seed}), {defaults(pipe)}. Each image starts as its
+prompt's ground-truth scene (the scene the analyzer would score as right), encoded by the autoencoder and
+noised to the noise level t where the default schedule stands after k steps, with the same noise a normal
+run of that seed starts from; the DiT then samples the remaining steps as usual. A category that jumps
+when k steps are handed over is lost in those first k steps; one that stays low is lost later, or by the
+decoder (its ceiling is the ceiling section's).
+
+| true layout handed over | at t | {" | ".join(HANDOFF_CATEGORIES)} | relation: along the axis |
+|---|---:|{"---:|" * (len(HANDOFF_CATEGORIES) + 1)}
+{chr(10).join(rows)}
+"""
+    publish("shapes_handoff", text)
+
+
+def handoff_generator(pipe: SanaPipeline, skip: int) -> Generate:
+    """Like `pipeline_generator(pipe)` at the defaults, but the first `skip` steps are replaced by the truth:
+    sampling starts at the schedule's `skip`-th noise level from the ground-truth scene's latent noised there
+    (x_t = (1 - t) x0 + t noise). skip 0 is a normal run, bit for bit."""
+    spec = pipe.scheduler
+    if spec.sampler != "dpm" or not 0 <= skip < spec.steps:
+        raise ValueError(f"need a Flow-DPM-Solver model and 0 <= skip < {spec.steps}, got {spec.sampler}, {skip}")
+    sigmas = dpm_flow_sigmas(spec.steps, spec.flow_shift)
+    times = model_timesteps(sigmas)
+    truth = oracle_generator()
+    settings = check_settings(
+        height=IMAGE_SIZE, width=IMAGE_SIZE, steps=spec.steps, guidance_scale=spec.guidance_scale, sampler="dpm",
+        pag_scale=0.0, pag_layers=(0,), images_per_prompt=1, num_layers=pipe.transformer.config.num_layers,
+    )  # fmt: skip
+
+    @torch.inference_mode()
+    def generate(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        n = len(prompts)
+        pixels = np.stack([np.asarray(im, dtype=np.float32) for im in truth(prompts, seeds)])  # (B, H, W, 3)
+        x0 = pipe.vae.encode(torch.from_numpy(pixels).permute(0, 3, 1, 2).div(127.5).sub(1)).float()
+        noise = initial_noise(seeded_generators(list(seeds), n), n, tuple(x0.shape[1:]))
+        t = sigmas[skip]
+        x = noise if skip == 0 else (1 - t) * x0 + t * noise
+        cond, *uncond = pipe.encode_text(prompts, [""] * n if uses_guidance(spec.guidance_scale) else None)
+        velocity = pipe.velocity_fn(TextEmbeddings.cat([*uncond, cond]), settings, n)  # uncond first, as __call__
+        final = sample_dpm_solver(velocity, x, sigmas[skip:], model_times=times[skip:])
+        return to_pil(pipe.vae.decode(final).float(), [{} for _ in prompts])
+
+    return generate
 
 
 def _distinct(spec: PromptSpec) -> bool:
@@ -575,7 +648,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder (default: the shipped one)")
     p.add_argument(
-        "--only", default="accuracy,ceiling,steps,512,placement,probe,timing", help="comma-separated parts to run"
+        "--only",
+        default="accuracy,ceiling,steps,512,placement,handoff,probe,timing",
+        help="comma-separated parts to run",
     )
     p.add_argument("--n-accuracy", type=int, default=100, help="prompts per category, accuracy part")
     p.add_argument("--n-steps", type=int, default=25, help="prompts per category, steps and 512 parts")
@@ -586,7 +661,7 @@ def main() -> None:
     global WRITE
     WRITE = not args.no_write
     parts = set(args.only.split(","))
-    unknown = parts - {"accuracy", "ceiling", "steps", "512", "placement", "probe", "timing"}
+    unknown = parts - {"accuracy", "ceiling", "steps", "512", "placement", "handoff", "probe", "timing"}
     if unknown:
         p.error(f"unknown part(s) {sorted(unknown)}")
     pipe = SanaPipeline.from_pretrained(args.model or default_model())
@@ -600,6 +675,8 @@ def main() -> None:
         part_512(pipe, args.n_steps, args.seed)
     if "placement" in parts:
         part_placement(pipe, args.n_accuracy, args.seed)
+    if "handoff" in parts:
+        part_handoff(pipe, args.n_steps, args.seed)
     if "probe" in parts:
         part_probe(pipe, args.n_accuracy, args.seed)
     if "timing" in parts:
