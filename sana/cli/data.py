@@ -18,21 +18,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=0, help="the same seed writes byte-identical files")
     s.add_argument("--out", required=True, help="output folder (created)")
     s.add_argument("--size", type=int, default=256, help="image side in pixels")
+    s.add_argument(
+        "--kinds",
+        default=None,
+        metavar="KIND=W,...",
+        help="scene kind weights, e.g. relation=0.5,single=0.2,counting=0.2,mixed=0.1 (unnamed kinds: 0); "
+        "default: single=0.25,counting=0.25,relation=0.3,mixed=0.2",
+    )
     s.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+
+
+def parse_kinds(text: str) -> dict[str, float]:
+    """'relation=0.5,single=0.5' -> {'relation': 0.5, 'single': 0.5} (checked later by `kind_weights`)."""
+    weights = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"--kinds takes KIND=WEIGHT pairs separated by commas, got {item!r}")
+    return weights
 
 
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from sana.shapes.world import write_dataset
+    from sana.shapes.world import SCENE_KINDS, write_dataset
 
     out = Path(args.out)
     if (out / "manifest.jsonl").exists() and not args.overwrite:
         raise ValueError(f"{out} already holds a dataset (manifest.jsonl); pass --overwrite to replace it")
     if args.size < 64:
         raise ValueError(f"--size must be at least 64, got {args.size}")
+    kinds = SCENE_KINDS if args.kinds is None else parse_kinds(args.kinds)
     start = time.perf_counter()
-    stats = write_dataset(out, args.n, args.seed, side=args.size)
+    stats = write_dataset(out, args.n, args.seed, side=args.size, kinds=kinds)
     seconds = time.perf_counter() - start
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(stats.kinds.items()))
     print(f"wrote {stats.images} images ({kinds}) with {stats.captions} captions to {out} in {seconds:.1f} s")

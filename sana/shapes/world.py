@@ -266,10 +266,27 @@ def _background_for(rng: np.random.Generator, colours: set[str]) -> str:
 SCENE_KINDS = {"single": 0.25, "counting": 0.25, "relation": 0.3, "mixed": 0.2}
 
 
-def sample_scene(rng: np.random.Generator, side: int = IMAGE_SIZE) -> Scene:
-    """A random scene of a random kind (`SCENE_KINDS`)."""
-    kinds = list(SCENE_KINDS)
-    kind = kinds[int(rng.choice(len(kinds), p=list(SCENE_KINDS.values())))]
+def kind_weights(weights: dict[str, float]) -> dict[str, float]:
+    """`weights` checked and normalised, over every kind of `SCENE_KINDS` in its order (unnamed kinds: 0).
+
+    The order and the zeros keep the random draws aligned: the default weights give the same scenes as before.
+    """
+    unknown = sorted(set(weights) - set(SCENE_KINDS))
+    if unknown:
+        raise ValueError(f"unknown scene kind(s) {', '.join(unknown)}; the kinds are {', '.join(SCENE_KINDS)}")
+    if (
+        not all(isinstance(w, int | float) and 0 <= w < math.inf for w in weights.values())
+        or not sum(weights.values()) > 0
+    ):
+        raise ValueError(f"scene kind weights must be finite, >= 0 and not all 0, got {weights}")
+    total = sum(weights.values())
+    return {k: weights.get(k, 0.0) / total for k in SCENE_KINDS}
+
+
+def sample_scene(rng: np.random.Generator, side: int = IMAGE_SIZE, kinds: dict[str, float] = SCENE_KINDS) -> Scene:
+    """A random scene of a kind drawn with probabilities `kinds` (normalised by `kind_weights`)."""
+    names = list(kinds)
+    kind = names[int(rng.choice(len(names), p=list(kinds.values())))]
     background = _pick(rng, list(BACKGROUNDS))
     colours = [c for c in COLOURS if c != background]
     sizes = list(SIZE_CLASSES)
@@ -598,14 +615,18 @@ class DatasetStats:
     kinds: dict[str, int] = field(default_factory=dict)
 
 
-def scene_for_index(seed: int, index: int, side: int = IMAGE_SIZE) -> Scene:
-    """Scene `index` of the dataset with this seed: depends on nothing else."""
-    return sample_scene(np.random.default_rng((seed, index)), side)
+def scene_for_index(seed: int, index: int, side: int = IMAGE_SIZE, kinds: dict[str, float] = SCENE_KINDS) -> Scene:
+    """Scene `index` of the dataset with this seed (and kind weights): depends on nothing else."""
+    return sample_scene(np.random.default_rng((seed, index)), side, kinds)
 
 
-def write_dataset(out: str | Path, n: int, seed: int, *, side: int = IMAGE_SIZE) -> DatasetStats:
+def write_dataset(
+    out: str | Path, n: int, seed: int, *, side: int = IMAGE_SIZE, kinds: dict[str, float] = SCENE_KINDS
+) -> DatasetStats:
     """Write `n` scenes as out/images/NNNNNN.png, out/manifest.jsonl (image + scored captions, the format
-    `sana.data` reads) and out/scenes.jsonl (the ground truth of each image, same order)."""
+    `sana.data` reads) and out/scenes.jsonl (the ground truth of each image, same order). `kinds` weighs the
+    scene kinds (`kind_weights`), e.g. to oversample two-object relation scenes."""
+    kinds = kind_weights(kinds)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if not isinstance(seed, int) or seed < 0:
@@ -619,7 +640,7 @@ def write_dataset(out: str | Path, n: int, seed: int, *, side: int = IMAGE_SIZE)
         open(out / "scenes.jsonl", "w", encoding="utf-8") as scenes,
     ):
         for i in range(n):
-            scene = scene_for_index(seed, i, side)
+            scene = scene_for_index(seed, i, side, kinds)
             name = f"images/{i:0{width}d}.png"
             render(scene).save(out / name, format="PNG")
             caps = captions(scene)

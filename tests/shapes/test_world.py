@@ -18,12 +18,14 @@ from sana.shapes.world import (
     CATEGORIES,
     COLOURS,
     RELATIONS,
+    SCENE_KINDS,
     SHAPES,
     SIZE_CLASSES,
     PromptSpec,
     Thing,
     all_prompts,
     captions,
+    kind_weights,
     parse_prompt,
     render,
     render_prompt,
@@ -52,6 +54,25 @@ def test_same_seed_gives_identical_files_and_image_i_depends_only_on_seed_and_i(
     assert all(a[k] != c[k] for k in a if k.startswith("images/"))
     assert all(d[k] == a[k] for k in d if k.startswith("images/"))
     assert d["manifest.jsonl"].splitlines() == a["manifest.jsonl"].splitlines()[:4]
+
+
+def test_kind_weights_pick_the_scene_kinds_and_the_default_draws_the_same_scenes():
+    assert kind_weights(SCENE_KINDS) == SCENE_KINDS  # so default datasets are unchanged by the option
+    assert kind_weights({"relation": 3, "single": 1}) == {
+        "single": 0.25,
+        "counting": 0.0,
+        "relation": 0.75,
+        "mixed": 0.0,
+    }
+    only_relations = [scene_for_index(9, i, kinds=kind_weights({"relation": 1})) for i in range(40)]
+    assert {s.kind for s in only_relations} == {"relation"}
+    # every one is captioned with its relation, the phrasing a relation-heavy training set is for
+    assert all(any(r in t for r in RELATIONS for t, _ in captions(s)) for s in only_relations)
+    halves = [scene_for_index(9, i, kinds=kind_weights({"single": 1, "counting": 1})).kind for i in range(200)]
+    assert set(halves) == {"single", "counting"} and 70 < halves.count("single") < 130
+    for bad in ({"relations": 1.0}, {"single": -1.0}, {"single": 0.0}, {"single": float("inf")}):
+        with pytest.raises(ValueError, match="scene kind"):
+            kind_weights(bad)
 
 
 def test_scenes_obey_the_world_rules():
@@ -190,3 +211,11 @@ def test_cli_writes_a_dataset_and_refuses_to_overwrite(tmp_path, capsys):
     assert main(["data", "shapes", "--n", "3", "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["data", "shapes", "--n", "2", "--out", str(out), "--overwrite"]) == 0
+    assert main(["data", "shapes", "--n", "4", "--out", str(out), "--overwrite", "--kinds", "counting=1"]) == 0
+    scenes = [json.loads(line) for line in (out / "scenes.jsonl").read_text().splitlines()]
+    assert [s["kind"] for s in scenes] == ["counting"] * 4
+    capsys.readouterr()
+    for bad, message in (("counting:1", "KIND=WEIGHT"), ("squares=1", "unknown scene kind")):
+        assert main(["data", "shapes", "--n", "2", "--out", str(tmp_path / "x"), "--kinds", bad]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()  # refused before anything is written
