@@ -20,7 +20,9 @@ CONFIGS = Path(__file__).parents[2] / "configs" / "train"
 MINIMAL = {"run_dir": "runs/x", "max_steps": 10, "model": {"preset": "tiny"}, "data": {"path": "imgs"}}
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "sana_600m_512px.yaml"])
+@pytest.mark.parametrize(
+    "name", ["tiny.yaml", "sana_600m_512px.yaml", "shapes_dit.yaml", "shapes_dit_layout.yaml"]
+)
 def test_example_configs_load(name):
     cfg = load_train_config(CONFIGS / name)
     assert isinstance(cfg, TrainConfig) and cfg.data.batch_size >= 1
