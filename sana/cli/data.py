@@ -33,12 +33,16 @@ def parse_kinds(text: str) -> dict[str, float]:
     weights = {}
     for item in text.split(","):
         name, sep, value = item.partition("=")
+        name = name.strip()
         try:
-            weights[name.strip()] = float(value)
+            weight = float(value)
         except ValueError:
             sep = ""
         if not sep:
             raise ValueError(f"--kinds takes KIND=WEIGHT pairs separated by commas, got {item!r}")
+        if name in weights:
+            raise ValueError(f"--kinds names {name!r} twice")
+        weights[name] = weight
     return weights
 
 

@@ -215,7 +215,11 @@ def test_cli_writes_a_dataset_and_refuses_to_overwrite(tmp_path, capsys):
     scenes = [json.loads(line) for line in (out / "scenes.jsonl").read_text().splitlines()]
     assert [s["kind"] for s in scenes] == ["counting"] * 4
     capsys.readouterr()
-    for bad, message in (("counting:1", "KIND=WEIGHT"), ("squares=1", "unknown scene kind")):
+    for bad, message in (
+        ("counting:1", "KIND=WEIGHT"),
+        ("squares=1", "unknown scene kind"),
+        ("single=1,single=2", "twice"),
+    ):
         assert main(["data", "shapes", "--n", "2", "--out", str(tmp_path / "x"), "--kinds", bad]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "x").exists()  # refused before anything is written
