@@ -35,10 +35,10 @@ def parse_kinds(text: str) -> dict[str, float]:
         name, sep, value = item.partition("=")
         name = name.strip()
         try:
-            weight = float(value)
+            weight = float(value) if sep else None
         except ValueError:
-            sep = ""
-        if not sep:
+            weight = None
+        if weight is None:
             raise ValueError(f"--kinds takes KIND=WEIGHT pairs separated by commas, got {item!r}")
         if name in weights:
             raise ValueError(f"--kinds names {name!r} twice")
