@@ -11,6 +11,7 @@ looks complete but is not.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -156,12 +157,16 @@ def load_state_into(model: M, folder: Path, dtype: torch.dtype, device: torch.de
     return model
 
 
-def load_model(cls: type[M], folder: str | Path, *, dtype=torch.float32, device="cpu") -> M:
-    """Build `cls` from `folder/config.json` on the meta device and fill it from the folder's safetensors."""
+def load_model(cls: type[M], folder: str | Path, *, dtype=torch.float32, device="cpu", overrides=None) -> M:
+    """Build `cls` from `folder/config.json` on the meta device and fill it from the folder's safetensors.
+    `overrides` replaces config fields first (a dict; a TypeError names an unknown one); the weights must
+    still fit the changed config exactly."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"no such model folder: {folder}")
     config = read_config(cls.config_class, folder / CONFIG_NAME)
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
     with torch.device("meta"):
         model = cls(config)
     return load_state_into(model, folder, parse_dtype(dtype), device).eval()

@@ -43,7 +43,9 @@ class ModelConfig:
     itself. components: a model folder whose autoencoder and text encoder encode raw images and captions, draw
     the validation images and complete the exported model; defaults to `pretrained` when that is a full
     model folder. overrides: DiTConfig fields replaced in the preset (e.g. caption_channels to match the text
-    encoder); only with `preset`.
+    encoder) or in the pretrained model's config (e.g. `interpolation_scale: 1.0` switches sincos positions on
+    in a NoPE model: they are computed, not learned, so every weight still fits; a field that would change a
+    weight's shape fails at load).
     """
 
     preset: str | None = None
@@ -57,8 +59,6 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.pretrained is None):
             raise ConfigError("model: set exactly one of model.preset (from scratch) or model.pretrained")
-        if self.overrides and self.preset is None:
-            raise ConfigError("model.overrides only applies to model.preset (a pretrained model has its config)")
 
 
 @dataclass(frozen=True)

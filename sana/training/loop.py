@@ -99,7 +99,11 @@ def build_model(cfg: TrainConfig) -> SanaDiT:
             model.init_weights()
     else:
         folder = Path(m.pretrained)
-        model = load_model(SanaDiT, folder / "transformer" if (folder / "transformer").is_dir() else folder)
+        folder = folder / "transformer" if (folder / "transformer").is_dir() else folder
+        try:
+            model = load_model(SanaDiT, folder, overrides=m.overrides)
+        except TypeError as e:
+            raise ConfigError(f"model.overrides: {e}") from None
     model = model.to(parse_dtype(m.dtype)).train()
     model.gradient_checkpointing = m.gradient_checkpointing
     model.requires_grad_(True)

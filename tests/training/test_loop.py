@@ -253,6 +253,43 @@ def test_came_optimizer_trains():
     assert losses[-1] < losses[0]
 
 
+def test_pretrained_model_takes_config_overrides(tmp_path):
+    """model.overrides on a pretrained transformer: `interpolation_scale: 1.0` switches sincos positions on in a
+    NoPE model (computed, so every weight still fits); the model then reads positions (its output changes) and
+    holds the changed config, which is what its export writes. A field that changes a weight's shape, or no
+    such field, is refused."""
+    from sana.config import ConfigError
+    from sana.pretrained import save_components
+    from sana.tiny import tiny_components
+    from sana.training.loop import build_model
+    from sana.weights import CheckpointError
+
+    parts = tiny_components(seed=0)
+    assert parts.transformer.config.interpolation_scale is None
+    folder = save_components(parts, tmp_path / "model")
+    pretrained = {"preset": None, "pretrained": str(folder)}
+    model = build_model(
+        tiny_config(tmp_path / "run", model={**pretrained, "overrides": {"interpolation_scale": 1.0}})
+    )
+    assert model.config.interpolation_scale == 1.0
+    ref = parts.transformer.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+    x = torch.randn(1, parts.transformer.config.in_channels, 4, 4)
+    text = TextEmbeddings(
+        torch.randn(1, 5, parts.transformer.config.caption_channels), torch.ones(1, 5, dtype=torch.long)
+    )
+    with torch.no_grad():
+        moved = model.eval()(x, torch.tensor([500.0]), text) - parts.transformer.eval()(
+            x, torch.tensor([500.0]), text
+        )
+    assert moved.abs().max() > 1e-3
+
+    with pytest.raises(CheckpointError, match="caption_projection"):
+        build_model(tiny_config(tmp_path / "run", model={**pretrained, "overrides": {"caption_channels": 7}}))
+    with pytest.raises(ConfigError, match="model.overrides"):
+        build_model(tiny_config(tmp_path / "run", model={**pretrained, "overrides": {"no_such_field": 1}}))
+
+
 def _image_folder(root: Path, n: int = 4) -> Path:
     from PIL import Image
 
