@@ -1,33 +1,48 @@
 """`python -m sana.shapes.build` (`make shapes-model`): the shipped shapes model, from nothing, in one command.
 
-Seven steps, each with this project's own commands and each skipped when its result exists, so an interrupted
-build resumes where it stopped (the three trainings resume from their newest checkpoint):
+The build is a chain of steps, each with this project's own commands. A step whose result exists is skipped,
+and so are the steps only it needed: with the last DiT's export in place, the build only ships it. An
+interrupted build is the same command again (every training resumes from its newest checkpoint):
 
-    1. data        `sana data shapes`: N procedural images with scored captions        -> data/shapes
-    2. text        configs/train/shapes_text.yaml: BPE tokenizer + small Gemma-2 LM      -> runs/shapes-text/final
-    3. autoencoder configs/train/shapes_dcae.yaml: DC-AE f32c32 at widths 8..128         -> runs/shapes-dcae/final
-    4. components  text encoder + autoencoder as one model folder without a transformer,
-                   declaring bare captions (instruction.json) and the sampling steps
-                   (SAMPLING below; sampling.json only if they are not the usual)        -> runs/shapes-components
-    5. cache       `sana cache`: latents + embeddings of every caption, 256^2, no buckets -> data/shapes-cache
-    6. dit         configs/train/shapes_dit.yaml: the Linear DiT by flow matching        -> runs/shapes-dit/final
-    7. ship        the final folder in float16, checked to load here and to fit the size
-                   budget, copied into the package                                     -> sana/assets/shapes-model
+    step             what                                                            result
+    data             `sana data shapes`: 10,000 images with scored captions, seed 0    data/shapes
+    text             configs/train/shapes_text.yaml: BPE tokenizer + small Gemma-2 LM  runs/shapes-text/final
+    autoencoder      configs/train/shapes_dcae.yaml: DC-AE f32c32, widths 8..128       runs/shapes-dcae/final
+    components       text encoder + autoencoder as one model folder, no transformer,  runs/shapes-components
+                     declaring bare captions (instruction.json) and the steps
+    cache            `sana cache`: latents + caption embeddings, 256^2, no buckets     data/shapes-cache
+    dit              configs/train/shapes_dit.yaml: the Linear DiT, from scratch       runs/shapes-dit/final
+    base             that DiT's model folder in float16 (shipped until session 10)     runs/shapes-base
+  then two fine-tunes for layouts (docs/shapes.md, experiments H and I), both encoding with the base folder:
+    relation-source  `sana data shapes`: 24,000 images, seed 77                        data/shapes-relation-source
+    positions-data   a manifest: data/shapes, then only the relation captions of the   data/shapes-positions
+                     first 5,000 two-object scenes of relation-source
+    positions-cache  `sana cache` of positions-data                                    data/shapes-positions-cache
+    positions        configs/train/shapes_dit_positions.yaml: base, sincos positions  runs/shapes-dit-positions
+                     switched on, 76 % of samples above t = 0.8
+    refine-data      `sana data shapes --kinds ...`: 20,000 images, seed 91, weighted  data/shapes-refine
+                     to relation and counting scenes
+    refine-cache     `sana cache` of refine-data                                       data/shapes-refine-cache
+    refine           configs/train/shapes_dit_refine.yaml: positions, continued        runs/shapes-dit-refine
+    ship             refine's export in float16, checked to load and to fit the        sana/assets/shapes-model
+                     size budget, copied into the package
 
 All paths are relative to --root (default: the working directory, a checkout of this repository, whose
-configs/train/ holds the three YAML files). Any step's settings can be changed in its YAML; --device picks
-where the trainings run; `--dit-steps N` trains the DiT on from its newest checkpoint to N steps and ships the
-result (the cosine schedule is then stretched to N, a warm restart).
+configs/train/ holds the YAML files). Any step's settings can be changed in its YAML; --device picks where the
+trainings run; `--dit-steps N` trains the last DiT (refine) on from its newest checkpoint to N steps and ships
+the result (the cosine schedule is then stretched to N, a warm restart).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,10 +53,23 @@ logger = logging.getLogger("sana.shapes")
 
 SHIPPED_BUDGET_BYTES = 30 * 2**20  # the package ships at most 30 MB of model
 DATA, CACHE = Path("data/shapes"), Path("data/shapes-cache")
-N_IMAGES, DATA_SEED = 10000, 0  # the shipped model's training set: scenes 0..N_IMAGES-1 of this seed
-COMPONENTS = Path("runs/shapes-components")
-CONFIGS = {name: Path(f"configs/train/shapes_{name}.yaml") for name in ("text", "dcae", "dit")}
+N_IMAGES, DATA_SEED = 10000, 0  # the base DiT's training set: scenes 0..N_IMAGES-1 of this seed
+COMPONENTS, BASE = Path("runs/shapes-components"), Path("runs/shapes-base")
+# The fine-tunes' data. positions: the base set plus the relation captions alone of RELATION_SCENES two-object
+# scenes of a second set; refine: fresh scenes, kinds weighted (sana/shapes/world.py SCENE_KINDS) towards the
+# two layouts the base DiT got least right.
+RELATION_SOURCE, RELATION_SOURCE_N, RELATION_SOURCE_SEED = Path("data/shapes-relation-source"), 24000, 77
+RELATION_SCENES = 5000  # two-object scenes of it whose relation captions join the base set
+POSITIONS_DATA, POSITIONS_CACHE = Path("data/shapes-positions"), Path("data/shapes-positions-cache")
+REFINE_DATA, REFINE_CACHE = Path("data/shapes-refine"), Path("data/shapes-refine-cache")
+REFINE_N, REFINE_SEED = 20000, 91
+REFINE_KINDS = {"single": 0.2, "counting": 0.3, "relation": 0.4, "mixed": 0.1}
+CONFIGS = {
+    name: Path(f"configs/train/shapes_{name}.yaml")
+    for name in ("text", "dcae", "dit", "dit_positions", "dit_refine")
+}
 TEXT_FINAL, DCAE_FINAL, DIT_FINAL = (Path(f"runs/shapes-{n}/final") for n in ("text", "dcae", "dit"))
+POSITIONS_FINAL, REFINE_FINAL = Path("runs/shapes-dit-positions/final"), Path("runs/shapes-dit-refine/final")
 # What `sana generate` uses with this model when a call names no steps. Measured on the shipped model (mean of
 # the four categories; `sana eval shapes --n-per-category 100 --seed 2000 --steps N`, then the steps study of
 # docs/shapes.md): Flow-DPM-Solver at 10 steps 60.0 % / 57.0 %, 14 steps 60.3 % / 60.0 %, 20 steps 62.5 % /
@@ -49,20 +77,96 @@ TEXT_FINAL, DCAE_FINAL, DIT_FINAL = (Path(f"runs/shapes-{n}/final") for n in ("t
 # interleaved runs). 20 is also the library's usual count, so the folder declares nothing (sampling.json is
 # written only for departures from it).
 SAMPLING = {"steps": 20}
-_DONE = ".complete"  # written into the dataset folder after its last image
+_DONE = ".complete"  # written into a dataset folder after its last image
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the build: `run` makes its result, `done` says whether the result is there, `needs` names
+    the steps whose results `run` reads."""
+
+    name: str
+    run: Callable[[], object]
+    done: Callable[[], bool]
+    needs: tuple[str, ...] = ()
+
+
+def run_steps(steps: Sequence[Step], target: str) -> list[str]:
+    """Make `target` the way `make` would: a step is run only when its result is missing, after the steps it
+    needs (and only those); a finished step's inputs are never looked at. Returns the names run, in order."""
+    by_name = {s.name: s for s in steps}
+    ran: list[str] = []
+    visited: set[str] = set()
+
+    def make(name: str) -> None:
+        if name in visited:
+            return
+        visited.add(name)
+        step = by_name[name]
+        if step.done():
+            logger.info("step %s: done already", name)
+            return
+        for need in step.needs:
+            make(need)
+        start = time.perf_counter()
+        logger.info("step %s ...", name)
+        step.run()
+        ran.append(name)
+        logger.info("step %s done in %.0f s", name, time.perf_counter() - start)
+
+    make(target)
+    return ran
 
 
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def make_data(n: int, seed: int) -> None:
-    from sana.shapes.world import write_dataset
+def make_data(folder: Path, n: int, seed: int, kinds: dict[str, float] | None = None) -> None:
+    from sana.shapes.world import SCENE_KINDS, write_dataset
 
-    if (DATA / _DONE).is_file():
-        return
-    stats = write_dataset(DATA, n, seed)
-    (DATA / _DONE).write_text(f"{stats.images} images, seed {seed}\n")
+    stats = write_dataset(folder, n, seed, kinds=kinds or SCENE_KINDS)
+    (folder / _DONE).write_text(f"{stats.images} images, seed {seed}\n")
+
+
+def _data_done(folder: Path) -> Callable[[], bool]:
+    return lambda: (folder / _DONE).is_file()
+
+
+def relation_manifest(general: Path, source: Path, n_relation: int, out: Path) -> int:
+    """out/manifest.jsonl: every record of `general`'s manifest, then the first `n_relation` two-object scenes
+    of `source` (those whose fullest caption states a relation) with their relation captions only. Image paths
+    are rewritten relative to `out`. Written whole or not at all; returns the relation scenes found."""
+    from sana.shapes.world import RELATIONS
+
+    phrases = tuple(f" {r} " for r in RELATIONS)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def moved(record: dict, root: Path) -> str:
+        return json.dumps({**record, "image": os.path.relpath(root / record["image"], out)})
+
+    lines = [moved(json.loads(line), general) for line in _lines(general / "manifest.jsonl")]
+    found = 0
+    for line in _lines(source / "manifest.jsonl"):
+        if found == n_relation:
+            break
+        record = json.loads(line)
+        top = max(c["score"] for c in record["captions"])
+        if not any(any(p in c["text"] for p in phrases) for c in record["captions"] if c["score"] == top):
+            continue  # a one-object, counting or three-or-more-object scene
+        record["captions"] = [c for c in record["captions"] if any(p in c["text"] for p in phrases)]
+        lines.append(moved(record, source))
+        found += 1
+    if found < n_relation:
+        raise ValueError(f"{source} holds only {found} two-object scenes, {n_relation} wanted")
+    tmp = out / ".manifest.jsonl.tmp"
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(out / "manifest.jsonl")
+    return found
+
+
+def _lines(path: Path) -> list[str]:
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def run_training(name: str, device: str, max_steps: int | None = None) -> Path:
@@ -111,17 +215,25 @@ def assemble_components(text: Path, dcae: Path, out: Path, flow_shift: float) ->
     return out
 
 
-def make_cache(device: str) -> None:
+def make_cache(manifest: Path, out: Path, components: Path, device: str) -> None:
+    """`sana cache` of `manifest` at 256^2 without buckets, encoded with `components`' autoencoder and text
+    encoder (its instruction.json: none)."""
     from sana.data.cache import build_cache
     from sana.data.loader import DataConfig
     from sana.pretrained import load_components
 
-    if (CACHE / "index.json").is_file():
-        return
-    data = DataConfig(path=str(DATA / "manifest.jsonl"), resolution=256, buckets=False)
-    parts = load_components(COMPONENTS, device=device, parts=("vae", "text_encoder"))  # its instruction.json: none
-    report = build_cache(data, CACHE, vae=parts.vae, text_encoder=parts.text_encoder, batch_size=32)
+    data = DataConfig(path=str(manifest), resolution=256, buckets=False)
+    parts = load_components(components, device=device, parts=("vae", "text_encoder"))
+    report = build_cache(data, out, vae=parts.vae, text_encoder=parts.text_encoder, batch_size=32)
     logger.info("cache: %s", report)
+
+
+def _cache_done(folder: Path) -> Callable[[], bool]:
+    return lambda: (folder / "index.json").is_file()
+
+
+def _final_done(final: Path) -> Callable[[], bool]:
+    return lambda: final.is_dir()  # exports are renamed into place whole: a folder there is finished
 
 
 def ship(final: Path, out: Path) -> Path:
@@ -144,21 +256,74 @@ def ship(final: Path, out: Path) -> Path:
     return out
 
 
-def build(n_images: int, seed: int, device: str, out: Path, dit_steps: int | None = None) -> Path:
-    steps: list[tuple[str, Callable[[], object]]] = [
-        ("data", lambda: make_data(n_images, seed)),
-        ("text", lambda: run_training("text", device)),
-        ("autoencoder", lambda: run_training("dcae", device)),
-        ("components", lambda: assemble_components(TEXT_FINAL, DCAE_FINAL, COMPONENTS, _dit_shift())),
-        ("cache", lambda: make_cache(_dev(device))),
-        ("dit", lambda: run_training("dit", device, dit_steps)),
-        ("ship", lambda: ship(DIT_FINAL, out)),
+def build_steps(n_images: int, seed: int, device: str, out: Path, dit_steps: int | None = None) -> list[Step]:
+    dev = _dev(device)
+    return [
+        Step("data", lambda: make_data(DATA, n_images, seed), _data_done(DATA)),
+        Step("text", lambda: run_training("text", device), _final_done(TEXT_FINAL)),
+        Step("autoencoder", lambda: run_training("dcae", device), _final_done(DCAE_FINAL)),
+        Step(
+            "components",
+            lambda: assemble_components(TEXT_FINAL, DCAE_FINAL, COMPONENTS, _dit_shift()),
+            lambda: (COMPONENTS / "model_index.json").is_file(),
+            needs=("text", "autoencoder"),
+        ),
+        Step(
+            "cache",
+            lambda: make_cache(DATA / "manifest.jsonl", CACHE, COMPONENTS, dev),
+            _cache_done(CACHE),
+            needs=("data", "components"),
+        ),
+        Step("dit", lambda: run_training("dit", device), _final_done(DIT_FINAL), needs=("cache",)),
+        # The fine-tunes start from, and encode with, the float16 folder: what they started from when they were
+        # run by hand (sessions 8 and 9), and the encoders that ship.
+        Step("base", lambda: ship(DIT_FINAL, BASE.resolve()), _final_done(BASE), needs=("dit",)),
+        Step(
+            "relation-source",
+            lambda: make_data(RELATION_SOURCE, RELATION_SOURCE_N, RELATION_SOURCE_SEED),
+            _data_done(RELATION_SOURCE),
+        ),
+        Step(
+            "positions-data",
+            lambda: relation_manifest(DATA, RELATION_SOURCE, RELATION_SCENES, POSITIONS_DATA),
+            lambda: (POSITIONS_DATA / "manifest.jsonl").is_file(),
+            needs=("data", "relation-source"),
+        ),
+        Step(
+            "positions-cache",
+            lambda: make_cache(POSITIONS_DATA / "manifest.jsonl", POSITIONS_CACHE, BASE, dev),
+            _cache_done(POSITIONS_CACHE),
+            needs=("base", "positions-data"),
+        ),
+        Step(
+            "positions",
+            lambda: run_training("dit_positions", device),
+            _final_done(POSITIONS_FINAL),
+            needs=("base", "positions-cache"),
+        ),
+        Step(
+            "refine-data",
+            lambda: make_data(REFINE_DATA, REFINE_N, REFINE_SEED, REFINE_KINDS),
+            _data_done(REFINE_DATA),
+        ),
+        Step(
+            "refine-cache",
+            lambda: make_cache(REFINE_DATA / "manifest.jsonl", REFINE_CACHE, BASE, dev),
+            _cache_done(REFINE_CACHE),
+            needs=("base", "refine-data"),
+        ),
+        Step(
+            "refine",
+            lambda: run_training("dit_refine", device, dit_steps),
+            lambda: dit_steps is None and REFINE_FINAL.is_dir(),
+            needs=("positions", "refine-cache"),
+        ),
+        Step("ship", lambda: ship(REFINE_FINAL, out), lambda: False, needs=("refine",)),
     ]
-    for name, step in steps:
-        start = time.perf_counter()
-        logger.info("step %s ...", name)
-        step()
-        logger.info("step %s done in %.0f s", name, time.perf_counter() - start)
+
+
+def build(n_images: int, seed: int, device: str, out: Path, dit_steps: int | None = None) -> Path:
+    run_steps(build_steps(n_images, seed, device, out, dit_steps), "ship")
     return out
 
 
@@ -180,7 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="torch device for training and caching (default: auto)")
     p.add_argument("--out", type=Path, default=None, help=f"where to ship it (default: {SHIPPED_MODEL_DIR})")
     p.add_argument(
-        "--dit-steps", type=int, default=None, help="train the DiT on from its last checkpoint to N steps"
+        "--dit-steps",
+        type=int,
+        default=None,
+        help="train the last DiT (refine) on from its last checkpoint to N steps",
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,3 +48,92 @@ def test_ship_writes_float16_under_budget_or_nothing(tmp_path, trained, monkeypa
     with pytest.raises(RuntimeError, match="over the 30 MiB budget"):
         build.ship(full, tmp_path / "too-big")
     assert not (tmp_path / "too-big").exists() and not (tmp_path / ".tmp-too-big").exists()
+
+
+def test_run_steps_makes_only_what_the_target_needs():
+    """make's rule: a missing result is made after what it needs; a step whose result exists is skipped, and so
+    are its own inputs (with the last export in place, nothing before it runs); a shared input is made once."""
+    have = {"a"}
+    ran_calls: list[str] = []
+
+    def step(name, *needs):
+        return build.Step(name, lambda: (ran_calls.append(name), have.add(name)), lambda: name in have, needs)
+
+    steps = [step("a"), step("b", "a"), step("c", "a"), step("d", "b", "c"), step("e", "d"), step("ship", "e")]
+    assert build.run_steps(steps, "ship") == ["b", "c", "d", "e", "ship"] == ran_calls
+    have, ran_calls[:] = {"e"}, []
+    assert build.run_steps(steps, "ship") == ["ship"]
+    have = {"d"}
+    assert build.run_steps(steps, "ship") == ["e", "ship"]
+
+
+def test_relation_manifest_adds_the_relation_captions_of_two_object_scenes(tmp_path):
+    from sana.data.sources import read_manifest_lines
+    from sana.shapes.world import RELATIONS, Scene, spatial_relation, write_dataset
+
+    general, source, out = tmp_path / "general", tmp_path / "source", tmp_path / "mix"
+    write_dataset(general, 6, seed=0)
+    write_dataset(source, 40, seed=1)
+    found = build.relation_manifest(general, source, 4, out)
+    rows = read_manifest_lines(out / "manifest.jsonl")
+    assert found == 4 and len(rows) == 6 + 4
+    general_rows = read_manifest_lines(general / "manifest.jsonl")
+    for mine, theirs in zip(rows[:6], general_rows, strict=False):  # the general set whole, every caption
+        assert (
+            Path(mine.image.path).resolve() == Path(theirs.image.path).resolve()
+            and mine.captions == theirs.captions
+        )
+    scenes = [Scene.from_json(json.loads(line)) for line in (source / "scenes.jsonl").read_text().splitlines()]
+    # Two objects told apart by colour or shape, with a relation between them: the scenes whose captions state it.
+    two_object = [
+        i
+        for i, s in enumerate(scenes)
+        if len(s.objects) == 2
+        and s.objects[0].identity != s.objects[1].identity
+        and spatial_relation(*s.objects) is not None
+    ]
+    added = [int(Path(r.image.path).stem) for r in rows[6:]]
+    assert added == two_object[:4]  # the first ones, in order
+    for row in rows[6:]:
+        assert Path(row.image.path).is_file()
+        assert row.captions and all(any(f" {r} " in c.text for r in RELATIONS) for c in row.captions)
+
+    with pytest.raises(ValueError, match="only"):
+        build.relation_manifest(general, source, 40, tmp_path / "too-many")
+    assert not (tmp_path / "too-many" / "manifest.jsonl").exists()
+
+
+@pytest.mark.parametrize(("name", "pretrained", "data"), [
+    ("dit_positions", build.BASE, build.POSITIONS_CACHE),
+    ("dit_refine", build.POSITIONS_FINAL, build.REFINE_CACHE),
+])  # fmt: skip
+def test_fine_tune_configs_read_what_the_build_writes(name, pretrained, data):
+    from sana.training import load_train_config
+
+    root = Path(__file__).parents[2]
+    cfg = load_train_config(root / build.CONFIGS[name])
+    assert Path(cfg.model.pretrained) == pretrained and Path(cfg.data.path) == data
+    assert (
+        Path(cfg.run_dir) / "final"
+        == {"dit_positions": build.POSITIONS_FINAL, "dit_refine": build.REFINE_FINAL}[name]
+    )
+
+
+def test_the_build_is_one_chain_to_ship(tmp_path):
+    """Every step of the real build is needed for `ship`, needs only steps listed before it, and from nothing
+    they run in the listed order; with the last DiT's export there, only `ship` runs."""
+    from dataclasses import replace
+
+    steps = build.build_steps(10, 0, "cpu", tmp_path / "out")
+    names = [s.name for s in steps]
+    assert len(set(names)) == len(names) and names[-1] == "ship"
+    for i, s in enumerate(steps):
+        assert set(s.needs) <= set(names[:i]), s.name
+    have: set[str] = set()
+
+    def dry(s):
+        return replace(s, run=lambda: have.add(s.name), done=lambda: s.name in have)
+
+    assert build.run_steps([dry(s) for s in steps], "ship") == names
+    have = {"refine"}
+    assert build.run_steps([dry(s) for s in steps], "ship") == ["ship"]

@@ -21,7 +21,15 @@ MINIMAL = {"run_dir": "runs/x", "max_steps": 10, "model": {"preset": "tiny"}, "d
 
 
 @pytest.mark.parametrize(
-    "name", ["tiny.yaml", "sana_600m_512px.yaml", "shapes_dit.yaml", "shapes_dit_layout.yaml"]
+    "name",
+    [
+        "tiny.yaml",
+        "sana_600m_512px.yaml",
+        "shapes_dit.yaml",
+        "shapes_dit_positions.yaml",
+        "shapes_dit_refine.yaml",
+        "shapes_dit_layout.yaml",
+    ],
 )
 def test_example_configs_load(name):
     cfg = load_train_config(CONFIGS / name)
