@@ -218,10 +218,14 @@ def plot(results: dict[str, dict[int, Report]], path: Path) -> None:
 def part_512(pipe: SanaPipeline, n: int, seed: int) -> None:
     r256 = evaluate_shapes(pipe, n_per_category=n, seed=seed)
     r512 = evaluate_shapes(pipe, n_per_category=n, seed=seed, height=512, width=512)
+    if pipe.transformer.config.interpolation_scale is None:
+        grid = "NoPE means nothing in it is tied to a grid size"
+    else:  # sincos_positions: a grid of h cells spans [0, base_size / interpolation_scale) whatever h is
+        grid = "its sincos positions are interpolated, so the 16x16 grid spans the range of the 8x8 one"
     text = f"""## Beyond the training size: 512x512
 
-Trained on 256x256 only (8x8 latent tokens). At 512x512 the DiT sees 16x16 tokens; NoPE means nothing in it
-is tied to a grid size, but it has never seen objects at these latent scales. {n} prompts per category
+Trained on 256x256 only (8x8 latent tokens). At 512x512 the DiT sees 16x16 tokens; {grid},
+but it has never seen objects at these latent scales. {n} prompts per category
 (seed {seed}), {defaults(pipe)}, the same prompts at both sizes.
 
 {table([("256x256 (trained)", r256), ("512x512", r512)])}"""
@@ -558,8 +562,8 @@ def binding_readout(encoder: TextEncoder, seed: int, grid: int = 8, steps: int =
 one cross-attention layer from a learned query per latent cell ({grid}x{grid}) to these states, trained
 without noise on where the two objects of rendered scenes lie ({len(fit) // 8} relation prompts, eight random
 scenes each), puts the first object's centre on the asked side of the second's for {", ".join(scores)}, on
-the {len(held)} prompts it never saw (chance: 50%). The DiT's own cross-attention reads the same states; what
-its queries lack, without positions, is knowing their cell.
+the {len(held)} prompts it never saw (chance: 50%). The DiT's own cross-attention reads the same states; its
+queries know their cell only if the DiT has positions (the image side, below).
 """
 
 

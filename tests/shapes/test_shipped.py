@@ -4,6 +4,7 @@ SanaPipeline as here. (How well it follows prompts is measured by benchmarks/sha
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,8 @@ from sana.pretrained import (
     read_sampling,
     shipped_model,
 )
-from sana.shapes.build import SAMPLING, SHIPPED_BUDGET_BYTES, folder_bytes
+from sana.shapes.build import CONFIGS, SAMPLING, SHIPPED_BUDGET_BYTES, folder_bytes
+from sana.training import load_train_config
 
 DEMO_PROMPT = "a red circle above a blue square"
 
@@ -36,9 +38,13 @@ def test_shipped_folder_is_complete_small_and_the_default():
     assert declared == {"complex_human_instruction": None}
     # Its measured step count (sana/shapes/build.py SAMPLING) is what a call naming no steps uses, and the folder
     # declares exactly what differs from the usual settings (nothing, for the usual 20 steps).
-    assert read_sampling(SHIPPED_MODEL_DIR) == SchedulerSpec(flow_shift=1.0, **SAMPLING).sampling()
+    assert read_sampling(SHIPPED_MODEL_DIR) == SchedulerSpec(**SAMPLING).sampling()
     assert load_components(SHIPPED_MODEL_DIR, parts=()).scheduler.steps == SAMPLING["steps"]
     parts = load_components(SHIPPED_MODEL_DIR)
+    # The build's last fine-tune: sincos positions on, and sampling with the time shift it trained with.
+    refine = load_train_config(Path(__file__).parents[2] / CONFIGS["dit_refine"])
+    assert parts.transformer.config.interpolation_scale == 1.0
+    assert parts.scheduler.flow_shift == refine.flow.shift == 3.0
     assert parts.text_encoder.instruction is None
     assert parts.transformer.config.sample_size * parts.vae.config.spatial_compression == 256
     index = json.loads((SHIPPED_MODEL_DIR / "model_index.json").read_text())
@@ -70,9 +76,9 @@ def test_diffusers_draws_the_same_image_from_the_shipped_folder(pipe):
 def test_the_shipped_model_draws_the_single_object_it_is_asked_for(pipe):
     """The right picture, for the simplest prompts: eight fresh single-object prompts ("a green triangle", ...) at
     the model's default settings; the analyzer must find the asked colour and shape in at least seven.
-    On the benchmark the shipped model gets 97-99 % of these right (docs/shapes.md); the previous one, 38 %,
-    would pass this 0.6 % of the time (binomial). Sizes, counts and relations are still below their targets
-    (README)."""
+    On the benchmark the shipped model gets 100 % of these right (docs/shapes.md); a model right 38 % of the
+    time (an early one) would pass this 0.6 % of the time (binomial). Sizes, counts and relations are still
+    below their targets (README)."""
     from sana.shapes.evaluate import evaluate_shapes
 
     report = evaluate_shapes(pipe, n_per_category=8, seed=7, categories=["single"])
