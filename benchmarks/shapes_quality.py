@@ -224,9 +224,9 @@ def part_512(pipe: SanaPipeline, n: int, seed: int) -> None:
         grid = "its sincos positions are interpolated, so the 16x16 grid spans the range of the 8x8 one"
     text = f"""## Beyond the training size: 512x512
 
-Trained on 256x256 only (8x8 latent tokens). At 512x512 the DiT sees 16x16 tokens; {grid},
-but it has never seen objects at these latent scales. {n} prompts per category
-(seed {seed}), {defaults(pipe)}, the same prompts at both sizes.
+Trained on 256x256 only (8x8 latent tokens). At 512x512 the DiT sees 16x16 tokens:
+{grid}, but it has never seen objects at these latent scales.
+{n} prompts per category (seed {seed}), {defaults(pipe)}, the same prompts at both sizes.
 
 {table([("256x256 (trained)", r256), ("512x512", r512)])}"""
     publish("shapes_512", text)
