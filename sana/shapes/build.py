@@ -8,17 +8,17 @@ interrupted build is the same command again (every training resumes from its new
     data             `sana data shapes`: 10,000 images with scored captions, seed 0    data/shapes
     text             configs/train/shapes_text.yaml: BPE tokenizer + small Gemma-2 LM  runs/shapes-text/final
     autoencoder      configs/train/shapes_dcae.yaml: DC-AE f32c32, widths 8..128       runs/shapes-dcae/final
-    components       text encoder + autoencoder as one model folder, no transformer,  runs/shapes-components
+    components       text encoder + autoencoder as one model folder, no transformer,   runs/shapes-components
                      declaring bare captions (instruction.json) and the steps
     cache            `sana cache`: latents + caption embeddings, 256^2, no buckets     data/shapes-cache
     dit              configs/train/shapes_dit.yaml: the Linear DiT, from scratch       runs/shapes-dit/final
-    base             that DiT's model folder in float16 (shipped alone, once)      runs/shapes-base
+    base             that DiT's model folder in float16 (once shipped alone)           runs/shapes-base
   then two fine-tunes for layouts (docs/shapes.md, experiments H and I), both encoding with the base folder:
     relation-source  `sana data shapes`: 24,000 images, seed 77                        data/shapes-relation-source
     positions-data   a manifest: data/shapes, then only the relation captions of the   data/shapes-positions
                      first 5,000 two-object scenes of relation-source
     positions-cache  `sana cache` of positions-data                                    data/shapes-positions-cache
-    positions        configs/train/shapes_dit_positions.yaml: base, sincos positions  runs/shapes-dit-positions
+    positions        configs/train/shapes_dit_positions.yaml: base, sincos positions   runs/shapes-dit-positions
                      switched on, 76 % of samples above t = 0.8
     refine-data      `sana data shapes --kinds ...`: 20,000 images, seed 91, weighted  data/shapes-refine
                      to relation and counting scenes
