@@ -13,7 +13,7 @@ interrupted build is the same command again (every training resumes from its new
     cache            `sana cache`: latents + caption embeddings, 256^2, no buckets     data/shapes-cache
     dit              configs/train/shapes_dit.yaml: the Linear DiT, from scratch       runs/shapes-dit/final
     base             that DiT's model folder in float16 (once shipped alone)           runs/shapes-base
-  then two fine-tunes for layouts (docs/shapes.md, experiments H and I), both encoding with the base folder:
+  then four fine-tunes for layouts (docs/shapes.md, experiments H, I, K and L), all encoding with the base folder:
     relation-source  `sana data shapes`: 24,000 images, seed 77                        data/shapes-relation-source
     positions-data   a manifest: data/shapes, then only the relation captions of the   data/shapes-positions
                      first 5,000 two-object scenes of relation-source
@@ -24,12 +24,20 @@ interrupted build is the same command again (every training resumes from its new
                      to relation and counting scenes
     refine-cache     `sana cache` of refine-data                                       data/shapes-refine-cache
     refine           configs/train/shapes_dit_refine.yaml: positions, continued        runs/shapes-dit-refine
-    ship             refine's export in float16, checked to load and to fit the        sana/assets/shapes-model
+    binding-source   `sana data shapes --kinds relation=1`: 12,000 images, seed 78     data/shapes-binding-source
+    binding-data     a manifest: only the relation captions of the two-object scenes   data/shapes-binding
+                     of relation-source that positions did not take, and of
+                     binding-source
+    binding-cache    `sana cache` of binding-data                                      data/shapes-binding-cache
+    binding          configs/train/shapes_dit_binding.yaml: refine on relations alone  runs/shapes-dit-binding
+    restore          configs/train/shapes_dit_restore.yaml: binding, back on           runs/shapes-dit-restore
+                     refine-data at a lower learning rate
+    ship             restore's export in float16, checked to load and to fit the       sana/assets/shapes-model
                      size budget, copied into the package
 
 All paths are relative to --root (default: the working directory, a checkout of this repository, whose
 configs/train/ holds the YAML files). Any step's settings can be changed in its YAML; --device picks where the
-trainings run; `--dit-steps N` trains the last DiT (refine) on from its newest checkpoint to N steps and ships
+trainings run; `--dit-steps N` trains the last DiT (restore) on from its newest checkpoint to N steps and ships
 the result (the cosine schedule is then stretched to N, a warm restart).
 """
 
@@ -64,19 +72,27 @@ POSITIONS_DATA, POSITIONS_CACHE = Path("data/shapes-positions"), Path("data/shap
 REFINE_DATA, REFINE_CACHE = Path("data/shapes-refine"), Path("data/shapes-refine-cache")
 REFINE_N, REFINE_SEED = 20000, 91
 REFINE_KINDS = {"single": 0.2, "counting": 0.3, "relation": 0.4, "mixed": 0.1}
+# binding: relation captions alone, of the two-object scenes of relation-source that positions did not take and
+# of a set of relation scenes only.
+BINDING_SOURCE, BINDING_SOURCE_N, BINDING_SOURCE_SEED = Path("data/shapes-binding-source"), 12000, 78
+BINDING_DATA, BINDING_CACHE = Path("data/shapes-binding"), Path("data/shapes-binding-cache")
 CONFIGS = {
     name: Path(f"configs/train/shapes_{name}.yaml")
-    for name in ("text", "dcae", "dit", "dit_positions", "dit_refine")
+    for name in ("text", "dcae", "dit", "dit_positions", "dit_refine", "dit_binding", "dit_restore")
 }
 TEXT_FINAL, DCAE_FINAL, DIT_FINAL = (Path(f"runs/shapes-{n}/final") for n in ("text", "dcae", "dit"))
-POSITIONS_FINAL, REFINE_FINAL = Path("runs/shapes-dit-positions/final"), Path("runs/shapes-dit-refine/final")
-# What `sana generate` uses with this model when a call names no steps: the library's usual 20, so the folder
-# declares nothing (sampling.json is written only for departures from it). Measured (mean of the four
-# categories): on the base DiT, 20 Flow-DPM-Solver steps beat 10 by 2.5 points on 400 prompts (`sana eval shapes
-# --n-per-category 100 --seed 2000 --steps N`: 60.0 % against 62.5 %, mostly sizes) for 0.2 s more end to end;
-# on the shipped DiT, which samples with flow shift 3, 10 to 50 steps all score 66-68 % on 200 prompts (the steps
-# table of docs/shapes.md), within that table's noise, so the usual count stayed.
-SAMPLING = {"steps": 20}
+POSITIONS_FINAL, REFINE_FINAL, BINDING_FINAL, RESTORE_FINAL = (
+    Path(f"runs/shapes-dit-{n}/final") for n in ("positions", "refine", "binding", "restore")
+)
+# What `sana generate` uses with this model when a call names neither steps nor guidance; the folder declares what
+# differs from the library's usual 20 steps and guidance 4.5 (sampling.json), and `ship` writes it. Steps:
+# on the base DiT, 20 Flow-DPM-Solver steps beat 10 by 2.5 points (mean of the four categories) on 400 prompts
+# (`sana eval shapes --n-per-category 100 --seed 2000 --steps N`: 60.0 % against 62.5 %, mostly sizes) for 0.2 s
+# more end to end; with flow shift 3 the DiTs since score within noise from 10 to 50 steps, so 20 stayed.
+# Guidance: chosen for the restore run's export on 200 prompts that are not the README's (`--n-per-category 50
+# --seed 3000`; the mean of the four categories): 2.0 -> 82 %, 2.5 -> 84 %, 3.0 -> 81 %, 4.5 -> 74 %, 6.0 -> 73 %.
+# Lower guidance mostly helps sizes (72 -> 96 % from 4.5 to 2.5) and counts (48 -> 60 %).
+SAMPLING = {"steps": 20, "guidance_scale": 2.5}
 _DONE = ".complete"  # written into a dataset folder after its last image
 
 
@@ -133,10 +149,13 @@ def _data_done(folder: Path) -> Callable[[], bool]:
     return lambda: (folder / _DONE).is_file()
 
 
-def relation_manifest(general: Path, source: Path, n_relation: int, out: Path) -> int:
-    """out/manifest.jsonl: every record of `general`'s manifest, then the first `n_relation` two-object scenes
-    of `source` (those whose fullest caption states a relation) with their relation captions only. Image paths
-    are rewritten relative to `out`. Written whole or not at all; returns the relation scenes found."""
+def relation_manifest(
+    out: Path, sources: Sequence[tuple[Path, int, int | None]], general: Path | None = None
+) -> int:
+    """out/manifest.jsonl: every record of `general`'s manifest (when given), then, for each `(source, skip, n)`
+    in turn, the two-object scenes of `source` (those whose fullest caption states a relation) after its first
+    `skip`, `n` of them (None: all the rest), with their relation captions only. Image paths are rewritten
+    relative to `out`. Written whole or not at all; returns the relation scenes added."""
     from sana.shapes.world import RELATIONS
 
     phrases = tuple(f" {r} " for r in RELATIONS)
@@ -145,24 +164,30 @@ def relation_manifest(general: Path, source: Path, n_relation: int, out: Path) -
     def moved(record: dict, root: Path) -> str:
         return json.dumps({**record, "image": os.path.relpath(root / record["image"], out)})
 
-    lines = [moved(json.loads(line), general) for line in _lines(general / "manifest.jsonl")]
-    found = 0
-    for line in _lines(source / "manifest.jsonl"):
-        if found == n_relation:
-            break
-        record = json.loads(line)
-        top = max(c["score"] for c in record["captions"])
-        if not any(any(p in c["text"] for p in phrases) for c in record["captions"] if c["score"] == top):
-            continue  # a one-object, counting or three-or-more-object scene
-        record["captions"] = [c for c in record["captions"] if any(p in c["text"] for p in phrases)]
-        lines.append(moved(record, source))
-        found += 1
-    if found < n_relation:
-        raise ValueError(f"{source} holds only {found} two-object scenes, {n_relation} wanted")
+    lines = [moved(json.loads(line), general) for line in _lines(general / "manifest.jsonl")] if general else []
+    added = 0
+    for source, skip, n in sources:
+        seen = taken = 0
+        for line in _lines(source / "manifest.jsonl"):
+            if taken == n:
+                break
+            record = json.loads(line)
+            top = max(c["score"] for c in record["captions"])
+            if not any(any(p in c["text"] for p in phrases) for c in record["captions"] if c["score"] == top):
+                continue  # a one-object, counting or three-or-more-object scene
+            seen += 1
+            if seen <= skip:
+                continue
+            record["captions"] = [c for c in record["captions"] if any(p in c["text"] for p in phrases)]
+            lines.append(moved(record, source))
+            taken += 1
+        if n is not None and taken < n:
+            raise ValueError(f"{source} holds only {seen} two-object scenes, {skip + n} wanted")
+        added += taken
     tmp = out / ".manifest.jsonl.tmp"
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     tmp.replace(out / "manifest.jsonl")
-    return found
+    return added
 
 
 def _lines(path: Path) -> list[str]:
@@ -184,10 +209,11 @@ def run_training(name: str, device: str, max_steps: int | None = None) -> Path:
 
 
 def assemble_components(text: Path, dcae: Path, out: Path, flow_shift: float) -> Path:
-    """vae/ + text_encoder/ + tokenizer/ + scheduler/ + instruction.json (+ sampling.json): what `sana cache`
-    and the DiT training read; the DiT's export adds transformer/. Written beside `out`, renamed into place."""
+    """vae/ + text_encoder/ + tokenizer/ + scheduler/ + instruction.json: what `sana cache` and the DiT training
+    read; the DiT's export adds transformer/, and `ship` the sampling defaults. Written beside `out`, renamed into
+    place."""
     from sana.config import read_json
-    from sana.pretrained import SchedulerSpec, write_instruction, write_sampling
+    from sana.pretrained import SchedulerSpec, write_instruction
     from sana.weights import write_json
 
     if (out / "model_index.json").is_file():
@@ -197,9 +223,8 @@ def assemble_components(text: Path, dcae: Path, out: Path, flow_shift: float) ->
     shutil.copytree(dcae / "vae", tmp / "vae")
     shutil.copytree(text / "text_encoder", tmp / "text_encoder")
     shutil.copytree(text / "tokenizer", tmp / "tokenizer")
-    spec = SchedulerSpec(flow_shift=flow_shift, **SAMPLING)
+    spec = SchedulerSpec(flow_shift=flow_shift)
     write_json(tmp / "scheduler" / "scheduler_config.json", spec.to_dict())
-    write_sampling(tmp, spec)
     write_instruction(tmp, None)  # the language model was trained on bare captions
     tokenizer_config = read_json(tmp / "tokenizer" / "tokenizer_config.json")
     index = {
@@ -237,11 +262,15 @@ def _final_done(final: Path) -> Callable[[], bool]:
 
 
 def ship(final: Path, out: Path) -> Path:
-    """The trained folder in float16 (weights only; configs unchanged), loaded back as a check, then published."""
+    """The trained folder in float16 (weights only; configs unchanged but for the sampling defaults chosen for it,
+    SAMPLING), loaded back as a check, then published."""
+    from dataclasses import replace
+
     from sana.pretrained import INSTRUCTION_FILE, load_components, save_components
     from sana.training.task import publish_folder
 
     parts = load_components(final)
+    parts = replace(parts, scheduler=replace(parts.scheduler, **SAMPLING))
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     save_components(parts, tmp, dtype=torch.float16)
@@ -285,7 +314,7 @@ def build_steps(n_images: int, seed: int, device: str, out: Path, dit_steps: int
         ),
         Step(
             "positions-data",
-            lambda: relation_manifest(DATA, RELATION_SOURCE, RELATION_SCENES, POSITIONS_DATA),
+            lambda: relation_manifest(POSITIONS_DATA, [(RELATION_SOURCE, 0, RELATION_SCENES)], general=DATA),
             lambda: (POSITIONS_DATA / "manifest.jsonl").is_file(),
             needs=("data", "relation-source"),
         ),
@@ -314,11 +343,42 @@ def build_steps(n_images: int, seed: int, device: str, out: Path, dit_steps: int
         ),
         Step(
             "refine",
-            lambda: run_training("dit_refine", device, dit_steps),
-            lambda: dit_steps is None and REFINE_FINAL.is_dir(),
+            lambda: run_training("dit_refine", device),
+            _final_done(REFINE_FINAL),
             needs=("positions", "refine-cache"),
         ),
-        Step("ship", lambda: ship(REFINE_FINAL, out), lambda: False, needs=("refine",)),
+        Step(
+            "binding-source",
+            lambda: make_data(BINDING_SOURCE, BINDING_SOURCE_N, BINDING_SOURCE_SEED, {"relation": 1.0}),
+            _data_done(BINDING_SOURCE),
+        ),
+        Step(
+            "binding-data",
+            lambda: relation_manifest(
+                BINDING_DATA, [(RELATION_SOURCE, RELATION_SCENES, None), (BINDING_SOURCE, 0, None)]
+            ),
+            lambda: (BINDING_DATA / "manifest.jsonl").is_file(),
+            needs=("relation-source", "binding-source"),
+        ),
+        Step(
+            "binding-cache",
+            lambda: make_cache(BINDING_DATA / "manifest.jsonl", BINDING_CACHE, BASE, dev),
+            _cache_done(BINDING_CACHE),
+            needs=("base", "binding-data"),
+        ),
+        Step(
+            "binding",
+            lambda: run_training("dit_binding", device),
+            _final_done(BINDING_FINAL),
+            needs=("refine", "binding-cache"),
+        ),
+        Step(
+            "restore",
+            lambda: run_training("dit_restore", device, dit_steps),
+            lambda: dit_steps is None and RESTORE_FINAL.is_dir(),
+            needs=("binding", "refine-cache"),
+        ),
+        Step("ship", lambda: ship(RESTORE_FINAL, out), lambda: False, needs=("restore",)),
     ]
 
 
@@ -348,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         "--dit-steps",
         type=int,
         default=None,
-        help="train the last DiT (refine) on from its last checkpoint to N steps",
+        help="train the last DiT (restore) on from its last checkpoint to N steps",
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

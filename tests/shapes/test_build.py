@@ -43,6 +43,11 @@ def test_ship_writes_float16_under_budget_or_nothing(tmp_path, trained, monkeypa
         for k, v in getattr(shipped, name).state_dict().items():
             assert torch.equal(v, ref[k].half().float()), k
     assert shipped.text_encoder.instruction is None
+    # The sampling defaults measured for the shipped DiT, over the trained folder's (the library's usual ones).
+    measured = (build.SAMPLING["steps"], build.SAMPLING["guidance_scale"])
+    assert (shipped.scheduler.steps, shipped.scheduler.guidance_scale) == measured
+    assert (parts.scheduler.steps, parts.scheduler.guidance_scale) != measured
+    assert shipped.scheduler.flow_shift == parts.scheduler.flow_shift
 
     monkeypatch.setattr(build, "SHIPPED_BUDGET_BYTES", 1000)
     with pytest.raises(RuntimeError, match="over the 30 MiB budget"):
@@ -74,7 +79,7 @@ def test_relation_manifest_adds_the_relation_captions_of_two_object_scenes(tmp_p
     general, source, out = tmp_path / "general", tmp_path / "source", tmp_path / "mix"
     write_dataset(general, 6, seed=0)
     write_dataset(source, 40, seed=1)
-    found = build.relation_manifest(general, source, 4, out)
+    found = build.relation_manifest(out, [(source, 0, 4)], general=general)
     rows = read_manifest_lines(out / "manifest.jsonl")
     assert found == 4 and len(rows) == 6 + 4
     general_rows = read_manifest_lines(general / "manifest.jsonl")
@@ -98,14 +103,22 @@ def test_relation_manifest_adds_the_relation_captions_of_two_object_scenes(tmp_p
         assert Path(row.image.path).is_file()
         assert row.captions and all(any(f" {r} " in c.text for r in RELATIONS) for c in row.captions)
 
+    # Without a general set, after skipping some, to the end of each source in turn: the binding run's data.
+    rest = build.relation_manifest(tmp_path / "rest", [(source, 3, None), (source, 0, 2)])
+    rest_rows = read_manifest_lines(tmp_path / "rest" / "manifest.jsonl")
+    assert rest == len(two_object) - 3 + 2 == len(rest_rows)
+    assert [int(Path(r.image.path).stem) for r in rest_rows] == two_object[3:] + two_object[:2]
+
     with pytest.raises(ValueError, match="only"):
-        build.relation_manifest(general, source, 40, tmp_path / "too-many")
+        build.relation_manifest(tmp_path / "too-many", [(source, 0, 40)], general=general)
     assert not (tmp_path / "too-many" / "manifest.jsonl").exists()
 
 
 @pytest.mark.parametrize(("name", "pretrained", "data"), [
     ("dit_positions", build.BASE, build.POSITIONS_CACHE),
     ("dit_refine", build.POSITIONS_FINAL, build.REFINE_CACHE),
+    ("dit_binding", build.REFINE_FINAL, build.BINDING_CACHE),
+    ("dit_restore", build.BINDING_FINAL, build.REFINE_CACHE),
 ])  # fmt: skip
 def test_fine_tune_configs_read_what_the_build_writes(name, pretrained, data):
     from sana.training import load_train_config
@@ -113,10 +126,13 @@ def test_fine_tune_configs_read_what_the_build_writes(name, pretrained, data):
     root = Path(__file__).parents[2]
     cfg = load_train_config(root / build.CONFIGS[name])
     assert Path(cfg.model.pretrained) == pretrained and Path(cfg.data.path) == data
-    assert (
-        Path(cfg.run_dir) / "final"
-        == {"dit_positions": build.POSITIONS_FINAL, "dit_refine": build.REFINE_FINAL}[name]
-    )
+    finals = {
+        "dit_positions": build.POSITIONS_FINAL,
+        "dit_refine": build.REFINE_FINAL,
+        "dit_binding": build.BINDING_FINAL,
+        "dit_restore": build.RESTORE_FINAL,
+    }
+    assert Path(cfg.run_dir) / "final" == finals[name]
 
 
 def test_the_build_is_one_chain_to_ship(tmp_path):
@@ -135,5 +151,5 @@ def test_the_build_is_one_chain_to_ship(tmp_path):
         return replace(s, run=lambda: have.add(s.name), done=lambda: s.name in have)
 
     assert build.run_steps([dry(s) for s in steps], "ship") == names
-    have = {"refine"}
+    have = {"restore"}
     assert build.run_steps([dry(s) for s in steps], "ship") == ["ship"]

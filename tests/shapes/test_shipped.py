@@ -36,15 +36,16 @@ def test_shipped_folder_is_complete_small_and_the_default():
     # Trained on bare captions: the folder says so, and the loaded text encoder adds no prefix.
     declared = json.loads((SHIPPED_MODEL_DIR / "instruction.json").read_text())
     assert declared == {"complex_human_instruction": None}
-    # Its measured step count (sana/shapes/build.py SAMPLING) is what a call naming no steps uses, and the folder
-    # declares exactly what differs from the usual settings (nothing, for the usual 20 steps).
-    assert read_sampling(SHIPPED_MODEL_DIR) == SchedulerSpec(**SAMPLING).sampling()
-    assert load_components(SHIPPED_MODEL_DIR, parts=()).scheduler.steps == SAMPLING["steps"]
+    # Its measured steps and guidance (sana/shapes/build.py SAMPLING) are what a call naming neither uses, and the
+    # folder declares exactly what differs from the usual settings (the guidance).
+    assert read_sampling(SHIPPED_MODEL_DIR) == SchedulerSpec(**SAMPLING).sampling() == {"guidance_scale": 2.5}
+    spec = load_components(SHIPPED_MODEL_DIR, parts=()).scheduler
+    assert (spec.steps, spec.guidance_scale) == (SAMPLING["steps"], SAMPLING["guidance_scale"])
     parts = load_components(SHIPPED_MODEL_DIR)
     # The build's last fine-tune: sincos positions on, and sampling with the time shift it trained with.
-    refine = load_train_config(Path(__file__).parents[2] / CONFIGS["dit_refine"])
+    restore = load_train_config(Path(__file__).parents[2] / CONFIGS["dit_restore"])
     assert parts.transformer.config.interpolation_scale == 1.0
-    assert parts.scheduler.flow_shift == refine.flow.shift == 3.0
+    assert parts.scheduler.flow_shift == restore.flow.shift == 3.0
     assert parts.text_encoder.instruction is None
     assert parts.transformer.config.sample_size * parts.vae.config.spatial_compression == 256
     index = json.loads((SHIPPED_MODEL_DIR / "model_index.json").read_text())
@@ -61,8 +62,8 @@ def test_diffusers_draws_the_same_image_from_the_shipped_folder(pipe):
     ref = theirs(
         DEMO_PROMPT,
         generator=torch.Generator("cpu").manual_seed(3),
-        num_inference_steps=SAMPLING["steps"],  # what ours uses below, naming no steps
-        guidance_scale=4.5,
+        num_inference_steps=SAMPLING["steps"],  # what ours uses below, naming neither
+        guidance_scale=SAMPLING["guidance_scale"],
         height=256,
         width=256,
         complex_human_instruction=None,  # what instruction.json declares

@@ -28,6 +28,8 @@ MINIMAL = {"run_dir": "runs/x", "max_steps": 10, "model": {"preset": "tiny"}, "d
         "shapes_dit.yaml",
         "shapes_dit_positions.yaml",
         "shapes_dit_refine.yaml",
+        "shapes_dit_binding.yaml",
+        "shapes_dit_restore.yaml",
         "shapes_dit_layout.yaml",
     ],
 )
