@@ -13,7 +13,7 @@ interrupted build is the same command again (every training resumes from its new
     cache            `sana cache`: latents + caption embeddings, 256^2, no buckets     data/shapes-cache
     dit              configs/train/shapes_dit.yaml: the Linear DiT, from scratch       runs/shapes-dit/final
     base             that DiT's model folder in float16 (once shipped alone)           runs/shapes-base
-  then four fine-tunes for layouts (docs/shapes.md, experiments H, I, K and L), all encoding with the base folder:
+  then five fine-tunes for layouts (docs/shapes.md, experiments H, I, K, L, M), all encoding with the base folder:
     relation-source  `sana data shapes`: 24,000 images, seed 77                        data/shapes-relation-source
     positions-data   a manifest: data/shapes, then only the relation captions of the   data/shapes-positions
                      first 5,000 two-object scenes of relation-source
@@ -32,12 +32,17 @@ interrupted build is the same command again (every training resumes from its new
     binding          configs/train/shapes_dit_binding.yaml: refine on relations alone  runs/shapes-dit-binding
     restore          configs/train/shapes_dit_restore.yaml: binding, back on           runs/shapes-dit-restore
                      refine-data at a lower learning rate
-    ship             restore's export in float16, checked to load and to fit the       sana/assets/shapes-model
+    finish-data      `sana data shapes --kinds ...`: 12,000 images, seed 93, weighted  data/shapes-finish
+                     to single objects and counts
+    finish-cache     `sana cache` of finish-data                                       data/shapes-finish-cache
+    finish           configs/train/shapes_dit_finish.yaml: restore, continued at a     runs/shapes-dit-finish
+                     lower learning rate
+    ship             finish's export in float16, checked to load and to fit the       sana/assets/shapes-model
                      size budget, copied into the package
 
 All paths are relative to --root (default: the working directory, a checkout of this repository, whose
 configs/train/ holds the YAML files). Any step's settings can be changed in its YAML; --device picks where the
-trainings run; `--dit-steps N` trains the last DiT (restore) on from its newest checkpoint to N steps and ships
+trainings run; `--dit-steps N` trains the last DiT (finish) on from its newest checkpoint to N steps and ships
 the result (the cosine schedule is then stretched to N, a warm restart).
 """
 
@@ -76,13 +81,18 @@ REFINE_KINDS = {"single": 0.2, "counting": 0.3, "relation": 0.4, "mixed": 0.1}
 # of a set of relation scenes only.
 BINDING_SOURCE, BINDING_SOURCE_N, BINDING_SOURCE_SEED = Path("data/shapes-binding-source"), 12000, 78
 BINDING_DATA, BINDING_CACHE = Path("data/shapes-binding"), Path("data/shapes-binding-cache")
+# finish: fresh scenes weighted to the two categories restore left furthest from their targets (sizes, counts),
+# with some relations so the side binding is rehearsed.
+FINISH_DATA, FINISH_CACHE = Path("data/shapes-finish"), Path("data/shapes-finish-cache")
+FINISH_N, FINISH_SEED = 12000, 93
+FINISH_KINDS = {"single": 0.35, "counting": 0.45, "relation": 0.15, "mixed": 0.05}
 CONFIGS = {
     name: Path(f"configs/train/shapes_{name}.yaml")
-    for name in ("text", "dcae", "dit", "dit_positions", "dit_refine", "dit_binding", "dit_restore")
+    for name in ("text", "dcae", "dit", "dit_positions", "dit_refine", "dit_binding", "dit_restore", "dit_finish")
 }
 TEXT_FINAL, DCAE_FINAL, DIT_FINAL = (Path(f"runs/shapes-{n}/final") for n in ("text", "dcae", "dit"))
-POSITIONS_FINAL, REFINE_FINAL, BINDING_FINAL, RESTORE_FINAL = (
-    Path(f"runs/shapes-dit-{n}/final") for n in ("positions", "refine", "binding", "restore")
+POSITIONS_FINAL, REFINE_FINAL, BINDING_FINAL, RESTORE_FINAL, FINISH_FINAL = (
+    Path(f"runs/shapes-dit-{n}/final") for n in ("positions", "refine", "binding", "restore", "finish")
 )
 # What `sana generate` uses with this model when a call names neither steps nor guidance; the folder declares what
 # differs from the library's usual 20 steps and guidance 4.5 (sampling.json), and `ship` writes it. Steps:
@@ -374,11 +384,28 @@ def build_steps(n_images: int, seed: int, device: str, out: Path, dit_steps: int
         ),
         Step(
             "restore",
-            lambda: run_training("dit_restore", device, dit_steps),
-            lambda: dit_steps is None and RESTORE_FINAL.is_dir(),
+            lambda: run_training("dit_restore", device),
+            _final_done(RESTORE_FINAL),
             needs=("binding", "refine-cache"),
         ),
-        Step("ship", lambda: ship(RESTORE_FINAL, out), lambda: False, needs=("restore",)),
+        Step(
+            "finish-data",
+            lambda: make_data(FINISH_DATA, FINISH_N, FINISH_SEED, FINISH_KINDS),
+            _data_done(FINISH_DATA),
+        ),
+        Step(
+            "finish-cache",
+            lambda: make_cache(FINISH_DATA / "manifest.jsonl", FINISH_CACHE, BASE, dev),
+            _cache_done(FINISH_CACHE),
+            needs=("base", "finish-data"),
+        ),
+        Step(
+            "finish",
+            lambda: run_training("dit_finish", device, dit_steps),
+            lambda: dit_steps is None and FINISH_FINAL.is_dir(),
+            needs=("restore", "finish-cache"),
+        ),
+        Step("ship", lambda: ship(FINISH_FINAL, out), lambda: False, needs=("finish",)),
     ]
 
 
@@ -408,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         "--dit-steps",
         type=int,
         default=None,
-        help="train the last DiT (restore) on from its last checkpoint to N steps",
+        help="train the last DiT (finish) on from its last checkpoint to N steps",
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
