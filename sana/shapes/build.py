@@ -13,7 +13,8 @@ interrupted build is the same command again (every training resumes from its new
     cache            `sana cache`: latents + caption embeddings, 256^2, no buckets     data/shapes-cache
     dit              configs/train/shapes_dit.yaml: the Linear DiT, from scratch       runs/shapes-dit/final
     base             that DiT's model folder in float16 (once shipped alone)           runs/shapes-base
-  then five fine-tunes for layouts (docs/shapes.md, experiments H, I, K, L, M), all encoding with the base folder:
+  then six fine-tunes for layouts (docs/shapes.md, experiments H, I, K, L, M, O), all encoding with the base
+  folder:
     relation-source  `sana data shapes`: 24,000 images, seed 77                        data/shapes-relation-source
     positions-data   a manifest: data/shapes, then only the relation captions of the   data/shapes-positions
                      first 5,000 two-object scenes of relation-source
@@ -37,12 +38,14 @@ interrupted build is the same command again (every training resumes from its new
     finish-cache     `sana cache` of finish-data                                       data/shapes-finish-cache
     finish           configs/train/shapes_dit_finish.yaml: restore, continued at a     runs/shapes-dit-finish
                      lower learning rate
-    ship             finish's export in float16, checked to load and to fit the       sana/assets/shapes-model
+    count            configs/train/shapes_dit_count.yaml: finish, continued on         runs/shapes-dit-count
+                     finish-data at middle noise levels, where counts are settled
+    ship             count's export in float16, checked to load and to fit the        sana/assets/shapes-model
                      size budget, copied into the package
 
 All paths are relative to --root (default: the working directory, a checkout of this repository, whose
 configs/train/ holds the YAML files). Any step's settings can be changed in its YAML; --device picks where the
-trainings run; `--dit-steps N` trains the last DiT (finish) on from its newest checkpoint to N steps and ships
+trainings run; `--dit-steps N` trains the last DiT (count) on from its newest checkpoint to N steps and ships
 the result (the cosine schedule is then stretched to N, a warm restart).
 """
 
@@ -88,11 +91,12 @@ FINISH_N, FINISH_SEED = 12000, 93
 FINISH_KINDS = {"single": 0.35, "counting": 0.45, "relation": 0.15, "mixed": 0.05}
 CONFIGS = {
     name: Path(f"configs/train/shapes_{name}.yaml")
-    for name in ("text", "dcae", "dit", "dit_positions", "dit_refine", "dit_binding", "dit_restore", "dit_finish")
+    for name in ("text", "dcae", "dit")
+    + tuple(f"dit_{n}" for n in ("positions", "refine", "binding", "restore", "finish", "count"))
 }
 TEXT_FINAL, DCAE_FINAL, DIT_FINAL = (Path(f"runs/shapes-{n}/final") for n in ("text", "dcae", "dit"))
-POSITIONS_FINAL, REFINE_FINAL, BINDING_FINAL, RESTORE_FINAL, FINISH_FINAL = (
-    Path(f"runs/shapes-dit-{n}/final") for n in ("positions", "refine", "binding", "restore", "finish")
+POSITIONS_FINAL, REFINE_FINAL, BINDING_FINAL, RESTORE_FINAL, FINISH_FINAL, COUNT_FINAL = (
+    Path(f"runs/shapes-dit-{n}/final") for n in ("positions", "refine", "binding", "restore", "finish", "count")
 )
 # What `sana generate` uses with this model when a call names neither steps nor guidance; the folder declares what
 # differs from the library's usual 20 steps and guidance 4.5 (sampling.json), and `ship` writes it. Steps:
@@ -101,8 +105,9 @@ POSITIONS_FINAL, REFINE_FINAL, BINDING_FINAL, RESTORE_FINAL, FINISH_FINAL = (
 # more end to end; with flow shift 3 the DiTs since score within noise from 10 to 50 steps, so 20 stayed.
 # Guidance: chosen for the restore run's export on 200 prompts that are not the README's (`--n-per-category 50
 # --seed 3000`; the mean of the four categories): 2.0 -> 82 %, 2.5 -> 84 %, 3.0 -> 81 %, 4.5 -> 74 %, 6.0 -> 73 %.
-# Lower guidance mostly helps sizes (72 -> 96 % from 4.5 to 2.5) and counts (48 -> 60 %). The finish run, shipped
-# after it, samples with the same 2.5 (86.5 % on those prompts); its guidance was not swept again.
+# Lower guidance mostly helps sizes (72 -> 96 % from 4.5 to 2.5) and counts (48 -> 60 %). The runs after it keep
+# 2.5: the finish run's export on the seed-3000 prompts, 1.25 / 1.5 / 2.0 / 2.5 -> 79.5 / 79.5 / 87 / 86.5 %; the
+# count run's on 200 counting prompts (`--seed 5000`, counting only), 2.0 -> 74 %, 2.5 -> 74.5 %.
 SAMPLING = {"steps": 20, "guidance_scale": 2.5}
 _DONE = ".complete"  # written into a dataset folder after its last image
 
@@ -402,11 +407,17 @@ def build_steps(n_images: int, seed: int, device: str, out: Path, dit_steps: int
         ),
         Step(
             "finish",
-            lambda: run_training("dit_finish", device, dit_steps),
-            lambda: dit_steps is None and FINISH_FINAL.is_dir(),
+            lambda: run_training("dit_finish", device),
+            _final_done(FINISH_FINAL),
             needs=("restore", "finish-cache"),
         ),
-        Step("ship", lambda: ship(FINISH_FINAL, out), lambda: False, needs=("finish",)),
+        Step(
+            "count",
+            lambda: run_training("dit_count", device, dit_steps),
+            lambda: dit_steps is None and COUNT_FINAL.is_dir(),
+            needs=("finish", "finish-cache"),
+        ),
+        Step("ship", lambda: ship(COUNT_FINAL, out), lambda: False, needs=("count",)),
     ]
 
 
@@ -436,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         "--dit-steps",
         type=int,
         default=None,
-        help="train the last DiT (finish) on from its last checkpoint to N steps",
+        help="train the last DiT (count) on from its last checkpoint to N steps",
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -120,6 +120,7 @@ def test_relation_manifest_adds_the_relation_captions_of_two_object_scenes(tmp_p
     ("dit_binding", build.REFINE_FINAL, build.BINDING_CACHE),
     ("dit_restore", build.BINDING_FINAL, build.REFINE_CACHE),
     ("dit_finish", build.RESTORE_FINAL, build.FINISH_CACHE),
+    ("dit_count", build.FINISH_FINAL, build.FINISH_CACHE),
 ])  # fmt: skip
 def test_fine_tune_configs_read_what_the_build_writes(name, pretrained, data):
     from sana.training import load_train_config
@@ -133,6 +134,7 @@ def test_fine_tune_configs_read_what_the_build_writes(name, pretrained, data):
         "dit_binding": build.BINDING_FINAL,
         "dit_restore": build.RESTORE_FINAL,
         "dit_finish": build.FINISH_FINAL,
+        "dit_count": build.COUNT_FINAL,
     }
     assert Path(cfg.run_dir) / "final" == finals[name]
 
@@ -153,5 +155,5 @@ def test_the_build_is_one_chain_to_ship(tmp_path):
         return replace(s, run=lambda: have.add(s.name), done=lambda: s.name in have)
 
     assert build.run_steps([dry(s) for s in steps], "ship") == names
-    have = {"finish"}
+    have = {"count"}
     assert build.run_steps([dry(s) for s in steps], "ship") == ["ship"]

@@ -31,6 +31,7 @@ MINIMAL = {"run_dir": "runs/x", "max_steps": 10, "model": {"preset": "tiny"}, "d
         "shapes_dit_binding.yaml",
         "shapes_dit_restore.yaml",
         "shapes_dit_finish.yaml",
+        "shapes_dit_count.yaml",
         "shapes_dit_layout.yaml",
     ],
 )
