@@ -35,7 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse (before Python 3.12.7) fills a `KEY=VALUE ...` positional in one go, so in `sana train run.yaml
+    # --resume CKPT max_steps=9` the overrides after the option are left over; they are still the overrides.
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") or "=" not in e for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from sana.config import ConfigError
     from sana.weights import CheckpointError
 

@@ -100,6 +100,12 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
     path.write_text(yaml.safe_dump(MINIMAL))
     assert main(["train", str(path), "optim.lrr=1"]) == 2
     assert capsys.readouterr().err.strip() == ("sana train: error: unknown key optim.lrr (did you mean optim.lr?)")
+    # Overrides after --resume CHECKPOINT are overrides too (argparse alone rejects them).
+    assert main(["train", str(path), "--resume", "ckpt", "optim.lrr=1"]) == 2
+    assert "unknown key optim.lrr" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        main(["train", str(path), "--resume", "ckpt", "--nope"])
+    assert "unrecognized arguments: --nope" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert "no such run config" in capsys.readouterr().err
     empty = tmp_path / "empty"
