@@ -20,6 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--model", help="model folder or Hub id (default: the model shipped with the package)")
     s.add_argument("--n-per-category", type=int, default=16, help="prompts (= images) per category")
     s.add_argument("--seed", type=int, default=0, help="picks the prompts; image i is sampled with seed + i")
+    s.add_argument(
+        "--categories",
+        help="comma-separated categories to score, e.g. counting (default: single, sized, relation, counting)",
+    )
     s.add_argument("--steps", type=int, help="sampling steps (default: the model's, else 20)")
     s.add_argument("--guidance", type=float, help="classifier-free guidance, <= 1: off (default: the model's)")
     s.add_argument("--sampler", choices=["dpm", "euler", "scm"], help="default: the model folder's scheduler")
@@ -43,6 +47,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--n-per-category and --batch-size must be >= 1")
     if args.save_images and not args.out:
         raise ValueError("--save-images needs --out")
+    from sana.shapes.world import CATEGORIES
+
+    given = args.categories if args.categories is not None else ",".join(CATEGORIES)
+    categories = [c.strip() for c in given.split(",") if c.strip()]
+    unknown = [c for c in categories if c not in CATEGORIES]
+    if not categories or unknown or len(set(categories)) != len(categories):
+        raise ValueError(
+            f"--categories takes distinct names among {', '.join(CATEGORIES)}; got {args.categories!r}"
+        )
     from sana.pipeline import SanaPipeline
     from sana.pretrained import choose_instruction, default_model
     from sana.shapes.evaluate import evaluate_shapes
@@ -55,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         pipe,
         n_per_category=args.n_per_category,
         seed=args.seed,
+        categories=categories,
         batch_size=args.batch_size,
         background_prob=args.background_prob,
         steps=args.steps,

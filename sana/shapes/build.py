@@ -107,7 +107,8 @@ POSITIONS_FINAL, REFINE_FINAL, BINDING_FINAL, RESTORE_FINAL, FINISH_FINAL, COUNT
 # --seed 3000`; the mean of the four categories): 2.0 -> 82 %, 2.5 -> 84 %, 3.0 -> 81 %, 4.5 -> 74 %, 6.0 -> 73 %.
 # Lower guidance mostly helps sizes (72 -> 96 % from 4.5 to 2.5) and counts (48 -> 60 %). The runs after it keep
 # 2.5: the finish run's export on the seed-3000 prompts, 1.25 / 1.5 / 2.0 / 2.5 -> 79.5 / 79.5 / 87 / 86.5 %; the
-# count run's on 200 counting prompts (`--seed 5000`, counting only), 2.0 -> 74 %, 2.5 -> 74.5 %.
+# count run's on 200 counting prompts (`--categories counting --n-per-category 200 --seed 5000`), 2.0 -> 74 %,
+# 2.5 -> 74.5 %.
 SAMPLING = {"steps": 20, "guidance_scale": 2.5}
 _DONE = ".complete"  # written into a dataset folder after its last image
 

@@ -100,3 +100,19 @@ def test_cli_prints_the_table_and_writes_the_report(model_dir, tmp_path, capsys)
     assert "single" in printed and "overall" in printed
     assert (out / "report.json").is_file() and (out / "grid.png").is_file()
     assert main(["eval", "shapes", "--model", str(model_dir), "--save-images"]) == 2
+
+
+def test_cli_scores_only_the_categories_asked_for(model_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = main(["eval", "shapes", "--model", str(model_dir), "--n-per-category", "2", "--steps", "1",
+                 "--guidance", "1", "--no-chi", "--categories", "counting,single", "--out", str(out),
+                 "--quiet"])  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["categories"] == ["counting", "single"]
+    assert [r["category"] for r in report["records"]] == ["counting"] * 2 + ["single"] * 2
+    assert set(report["accuracy"]) == {"counting", "single"}
+    capsys.readouterr()
+    for bad in ("count", "single,single", ","):
+        assert main(["eval", "shapes", "--model", str(tmp_path / "none"), "--categories", bad]) == 2
+        assert capsys.readouterr().err.startswith("sana eval: error: --categories takes")
