@@ -25,11 +25,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="scene kind weights, e.g. relation=0.5,single=0.2,counting=0.2,mixed=0.1 (unnamed kinds: 0); "
         "default: single=0.25,counting=0.25,relation=0.3,mixed=0.2",
     )
+    s.add_argument(
+        "--sizes",
+        default=None,
+        metavar="SIZE=W,...",
+        help="size class weights for the sizes a scene draws freely, e.g. small=0.4,medium=0.4,large=0.2 "
+        "(unnamed classes: 0); default: all three equally likely",
+    )
     s.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
 
 
-def parse_kinds(text: str) -> dict[str, float]:
-    """'relation=0.5,single=0.5' -> {'relation': 0.5, 'single': 0.5} (checked later by `kind_weights`)."""
+def parse_weights(text: str, flag: str) -> dict[str, float]:
+    """'relation=0.5,single=0.5' -> {'relation': 0.5, 'single': 0.5} (names and values are checked later, by
+    `kind_weights` or `size_weights`)."""
     weights = {}
     for item in text.split(","):
         name, sep, value = item.partition("=")
@@ -39,9 +47,9 @@ def parse_kinds(text: str) -> dict[str, float]:
         except ValueError:
             weight = None
         if weight is None:
-            raise ValueError(f"--kinds takes KIND=WEIGHT pairs separated by commas, got {item!r}")
+            raise ValueError(f"{flag} takes NAME=WEIGHT pairs separated by commas, got {item!r}")
         if name in weights:
-            raise ValueError(f"--kinds names {name!r} twice")
+            raise ValueError(f"{flag} names {name!r} twice")
         weights[name] = weight
     return weights
 
@@ -49,16 +57,17 @@ def parse_kinds(text: str) -> dict[str, float]:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from sana.shapes.world import SCENE_KINDS, write_dataset
+    from sana.shapes.world import SCENE_KINDS, kind_weights, size_weights, write_dataset
 
     out = Path(args.out)
     if (out / "manifest.jsonl").exists() and not args.overwrite:
         raise ValueError(f"{out} already holds a dataset (manifest.jsonl); pass --overwrite to replace it")
     if args.size < 64:
         raise ValueError(f"--size must be at least 64, got {args.size}")
-    kinds = SCENE_KINDS if args.kinds is None else parse_kinds(args.kinds)
+    kinds = SCENE_KINDS if args.kinds is None else kind_weights(parse_weights(args.kinds, "--kinds"))
+    sizes = None if args.sizes is None else size_weights(parse_weights(args.sizes, "--sizes"))
     start = time.perf_counter()
-    stats = write_dataset(out, args.n, args.seed, side=args.size, kinds=kinds)
+    stats = write_dataset(out, args.n, args.seed, side=args.size, kinds=kinds, sizes=sizes)
     seconds = time.perf_counter() - start
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(stats.kinds.items()))
     print(f"wrote {stats.images} images ({kinds}) with {stats.captions} captions to {out} in {seconds:.1f} s")

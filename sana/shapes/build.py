@@ -155,10 +155,12 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def make_data(folder: Path, n: int, seed: int, kinds: dict[str, float] | None = None) -> None:
+def make_data(
+    folder: Path, n: int, seed: int, kinds: dict[str, float] | None = None, sizes: dict[str, float] | None = None
+) -> None:
     from sana.shapes.world import SCENE_KINDS, write_dataset
 
-    stats = write_dataset(folder, n, seed, kinds=kinds or SCENE_KINDS)
+    stats = write_dataset(folder, n, seed, kinds=kinds or SCENE_KINDS, sizes=sizes)
     (folder / _DONE).write_text(f"{stats.images} images, seed {seed}\n")
 
 

@@ -271,28 +271,49 @@ def kind_weights(weights: dict[str, float]) -> dict[str, float]:
 
     The order and the zeros keep the random draws aligned: the default weights give the same scenes as before.
     """
-    unknown = sorted(set(weights) - set(SCENE_KINDS))
+    return _normalised(weights, tuple(SCENE_KINDS), "scene kind")
+
+
+def size_weights(weights: dict[str, float]) -> dict[str, float]:
+    """`weights` checked and normalised over the size classes (`SIZE_CLASSES` order; unnamed classes: 0): how
+    often a scene's freely drawn sizes are small, medium or large. Objects that do not fit are still shrunk."""
+    return _normalised(weights, tuple(SIZE_CLASSES), "size class")
+
+
+def _normalised(weights: dict[str, float], names: tuple[str, ...], what: str) -> dict[str, float]:
+    unknown = sorted(set(weights) - set(names))
     if unknown:
-        raise ValueError(f"unknown scene kind(s) {', '.join(unknown)}; the kinds are {', '.join(SCENE_KINDS)}")
+        raise ValueError(f"unknown {what} name(s) {', '.join(unknown)}; choose from {', '.join(names)}")
     if (
         not all(isinstance(w, int | float) and 0 <= w < math.inf for w in weights.values())
         or not sum(weights.values()) > 0
     ):
-        raise ValueError(f"scene kind weights must be finite, >= 0 and not all 0, got {weights}")
+        raise ValueError(f"{what} weights must be finite, >= 0 and not all 0, got {weights}")
     total = sum(weights.values())
-    return {k: weights.get(k, 0.0) / total for k in SCENE_KINDS}
+    return {k: weights.get(k, 0.0) / total for k in names}
 
 
-def sample_scene(rng: np.random.Generator, side: int = IMAGE_SIZE, kinds: dict[str, float] = SCENE_KINDS) -> Scene:
-    """A random scene of a kind drawn with probabilities `kinds` (normalised by `kind_weights`)."""
+def sample_scene(
+    rng: np.random.Generator,
+    side: int = IMAGE_SIZE,
+    kinds: dict[str, float] = SCENE_KINDS,
+    sizes: dict[str, float] | None = None,
+) -> Scene:
+    """A random scene of a kind drawn with probabilities `kinds` (normalised by `kind_weights`); free sizes are
+    drawn with probabilities `sizes` (normalised by `size_weights`), or uniformly when None."""
     names = list(kinds)
     kind = names[int(rng.choice(len(names), p=list(kinds.values())))]
     background = _pick(rng, list(BACKGROUNDS))
     colours = [c for c in COLOURS if c != background]
-    sizes = list(SIZE_CLASSES)
+    size_names = list(SIZE_CLASSES)
+
+    def size() -> str:
+        if sizes is None:  # the uniform draw of the default datasets: the same random stream, the same scenes
+            return _pick(rng, size_names)
+        return size_names[int(rng.choice(len(size_names), p=[sizes[n] for n in size_names]))]
 
     def item() -> _Item:
-        return _Item(_pick(rng, colours), _pick(rng, SHAPES), _pick(rng, sizes))
+        return _Item(_pick(rng, colours), _pick(rng, SHAPES), size())
 
     accept = None
     if kind == "single":
@@ -301,7 +322,7 @@ def sample_scene(rng: np.random.Generator, side: int = IMAGE_SIZE, kinds: dict[s
         first = item()
         same_size = rng.random() < 0.5
         items = [first] + [
-            _Item(first.colour, first.shape, first.size if same_size else _pick(rng, sizes))
+            _Item(first.colour, first.shape, first.size if same_size else size())
             for _ in range(int(rng.integers(1, 4)))
         ]
     elif kind == "relation":
@@ -615,18 +636,32 @@ class DatasetStats:
     kinds: dict[str, int] = field(default_factory=dict)
 
 
-def scene_for_index(seed: int, index: int, side: int = IMAGE_SIZE, kinds: dict[str, float] = SCENE_KINDS) -> Scene:
-    """Scene `index` of the dataset with this seed (and kind weights): depends on nothing else."""
-    return sample_scene(np.random.default_rng((seed, index)), side, kinds)
+def scene_for_index(
+    seed: int,
+    index: int,
+    side: int = IMAGE_SIZE,
+    kinds: dict[str, float] = SCENE_KINDS,
+    sizes: dict[str, float] | None = None,
+) -> Scene:
+    """Scene `index` of the dataset with this seed (and kind and size weights): depends on nothing else."""
+    return sample_scene(np.random.default_rng((seed, index)), side, kinds, sizes)
 
 
 def write_dataset(
-    out: str | Path, n: int, seed: int, *, side: int = IMAGE_SIZE, kinds: dict[str, float] = SCENE_KINDS
+    out: str | Path,
+    n: int,
+    seed: int,
+    *,
+    side: int = IMAGE_SIZE,
+    kinds: dict[str, float] = SCENE_KINDS,
+    sizes: dict[str, float] | None = None,
 ) -> DatasetStats:
     """Write `n` scenes as out/images/NNNNNN.png, out/manifest.jsonl (image + scored captions, the format
     `sana.data` reads) and out/scenes.jsonl (the ground truth of each image, same order). `kinds` weighs the
-    scene kinds (`kind_weights`), e.g. to oversample two-object relation scenes."""
+    scene kinds (`kind_weights`), e.g. to oversample two-object relation scenes; `sizes`, when given, the size
+    classes (`size_weights`), e.g. to draw groups of objects that fit with room between them."""
     kinds = kind_weights(kinds)
+    sizes = None if sizes is None else size_weights(sizes)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if not isinstance(seed, int) or seed < 0:
@@ -640,7 +675,7 @@ def write_dataset(
         open(out / "scenes.jsonl", "w", encoding="utf-8") as scenes,
     ):
         for i in range(n):
-            scene = scene_for_index(seed, i, side, kinds)
+            scene = scene_for_index(seed, i, side, kinds, sizes)
             name = f"images/{i:0{width}d}.png"
             render(scene).save(out / name, format="PNG")
             caps = captions(scene)

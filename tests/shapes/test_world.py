@@ -31,6 +31,7 @@ from sana.shapes.world import (
     render_prompt,
     sample_prompts,
     scene_for_index,
+    size_weights,
     spatial_relation,
     write_dataset,
 )
@@ -73,6 +74,22 @@ def test_kind_weights_pick_the_scene_kinds_and_the_default_draws_the_same_scenes
     for bad in ({"relations": 1.0}, {"single": -1.0}, {"single": 0.0}, {"single": float("inf")}):
         with pytest.raises(ValueError, match="scene kind"):
             kind_weights(bad)
+
+
+def test_size_weights_choose_how_often_each_size_is_drawn():
+    assert size_weights({"large": 1, "small": 3}) == {"small": 0.75, "medium": 0.0, "large": 0.25}
+    only = {"counting": 1.0, "single": 0.0, "relation": 0.0, "mixed": 0.0}
+    small = [scene_for_index(4, i, kinds=only, sizes=size_weights({"small": 1})) for i in range(30)]
+    assert {o.size for s in small for o in s.objects} == {"small"}
+    # no large objects at all, and the two sizes drawn about equally often
+    no_large = [
+        scene_for_index(4, i, kinds=only, sizes=size_weights({"small": 1, "medium": 1})) for i in range(200)
+    ]
+    drawn = [o.size for s in no_large for o in s.objects]
+    assert set(drawn) == {"small", "medium"} and 0.3 < drawn.count("small") / len(drawn) < 0.7
+    for bad in ({"huge": 1.0}, {"small": -1.0}, {"medium": 0.0}):
+        with pytest.raises(ValueError, match="size class"):
+            size_weights(bad)
 
 
 def test_scenes_obey_the_world_rules():
@@ -216,10 +233,15 @@ def test_cli_writes_a_dataset_and_refuses_to_overwrite(tmp_path, capsys):
     assert [s["kind"] for s in scenes] == ["counting"] * 4
     capsys.readouterr()
     for bad, message in (
-        ("counting:1", "KIND=WEIGHT"),
+        ("counting:1", "NAME=WEIGHT"),
         ("squares=1", "unknown scene kind"),
         ("single=1,single=2", "twice"),
     ):
         assert main(["data", "shapes", "--n", "2", "--out", str(tmp_path / "x"), "--kinds", bad]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "x").exists()  # refused before anything is written
+    assert main(["data", "shapes", "--n", "2", "--out", str(tmp_path / "x"), "--sizes", "huge=1"]) == 2
+    assert "unknown size class" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["data", "shapes", "--n", "3", "--out", str(out), "--overwrite", "--sizes", "small=1"]) == 0
+    scenes = [json.loads(line) for line in (out / "scenes.jsonl").read_text().splitlines()]
+    assert {o["size"] for s in scenes for o in s["objects"]} == {"small"}
