@@ -13,8 +13,8 @@ interrupted build is the same command again (every training resumes from its new
     cache            `sana cache`: latents + caption embeddings, 256^2, no buckets     data/shapes-cache
     dit              configs/train/shapes_dit.yaml: the Linear DiT, from scratch       runs/shapes-dit/final
     base             that DiT's model folder in float16 (once shipped alone)           runs/shapes-base
-  then six fine-tunes for layouts (docs/shapes.md, experiments H, I, K, L, M, O), all encoding with the base
-  folder:
+  then seven fine-tunes for layouts (docs/shapes.md, experiments H, I, K, L, M, O, R), all encoding with the
+  base folder:
     relation-source  `sana data shapes`: 24,000 images, seed 77                        data/shapes-relation-source
     positions-data   a manifest: data/shapes, then only the relation captions of the   data/shapes-positions
                      first 5,000 two-object scenes of relation-source
@@ -40,12 +40,17 @@ interrupted build is the same command again (every training resumes from its new
                      lower learning rate
     count            configs/train/shapes_dit_count.yaml: finish, continued on         runs/shapes-dit-count
                      finish-data at middle noise levels, where counts are settled
-    ship             count's export in float16, checked to load and to fit the        sana/assets/shapes-model
+    groups-data      `sana data shapes --kinds ... --sizes ...`: 16,000 images, seed   data/shapes-groups
+                     96, weighted to counts, sizes drawn smaller
+    groups-cache     `sana cache` of groups-data                                       data/shapes-groups-cache
+    groups           configs/train/shapes_dit_groups.yaml: count, continued on         runs/shapes-dit-groups
+                     groups-data, so that groups leave room between their objects
+    ship             groups' export in float16, checked to load and to fit the        sana/assets/shapes-model
                      size budget, copied into the package
 
 All paths are relative to --root (default: the working directory, a checkout of this repository, whose
 configs/train/ holds the YAML files). Any step's settings can be changed in its YAML; --device picks where the
-trainings run; `--dit-steps N` trains the last DiT (count) on from its newest checkpoint to N steps and ships
+trainings run; `--dit-steps N` trains the last DiT (groups) on from its newest checkpoint to N steps and ships
 the result (the cosine schedule is then stretched to N, a warm restart).
 """
 
@@ -89,14 +94,22 @@ BINDING_DATA, BINDING_CACHE = Path("data/shapes-binding"), Path("data/shapes-bin
 FINISH_DATA, FINISH_CACHE = Path("data/shapes-finish"), Path("data/shapes-finish-cache")
 FINISH_N, FINISH_SEED = 12000, 93
 FINISH_KINDS = {"single": 0.35, "counting": 0.45, "relation": 0.15, "mixed": 0.05}
+# groups: fresh scenes, most of them counting groups, with sizes drawn smaller than the usual third each, so that
+# two to four objects of a group fit with room between them (the count run's miscounts were mostly merged
+# neighbours, a third of its objects large).
+GROUPS_DATA, GROUPS_CACHE = Path("data/shapes-groups"), Path("data/shapes-groups-cache")
+GROUPS_N, GROUPS_SEED = 16000, 96
+GROUPS_KINDS = {"single": 0.2, "counting": 0.6, "relation": 0.15, "mixed": 0.05}
+GROUPS_SIZES = {"small": 0.35, "medium": 0.45, "large": 0.2}
 CONFIGS = {
     name: Path(f"configs/train/shapes_{name}.yaml")
     for name in ("text", "dcae", "dit")
-    + tuple(f"dit_{n}" for n in ("positions", "refine", "binding", "restore", "finish", "count"))
+    + tuple(f"dit_{n}" for n in ("positions", "refine", "binding", "restore", "finish", "count", "groups"))
 }
 TEXT_FINAL, DCAE_FINAL, DIT_FINAL = (Path(f"runs/shapes-{n}/final") for n in ("text", "dcae", "dit"))
-POSITIONS_FINAL, REFINE_FINAL, BINDING_FINAL, RESTORE_FINAL, FINISH_FINAL, COUNT_FINAL = (
-    Path(f"runs/shapes-dit-{n}/final") for n in ("positions", "refine", "binding", "restore", "finish", "count")
+POSITIONS_FINAL, REFINE_FINAL, BINDING_FINAL, RESTORE_FINAL, FINISH_FINAL, COUNT_FINAL, GROUPS_FINAL = (
+    Path(f"runs/shapes-dit-{n}/final")
+    for n in ("positions", "refine", "binding", "restore", "finish", "count", "groups")
 )
 # What `sana generate` uses with this model when a call names neither steps nor guidance; the folder declares what
 # differs from the library's usual 20 steps and guidance 4.5 (sampling.json), and `ship` writes it. Steps:
@@ -416,11 +429,28 @@ def build_steps(n_images: int, seed: int, device: str, out: Path, dit_steps: int
         ),
         Step(
             "count",
-            lambda: run_training("dit_count", device, dit_steps),
-            lambda: dit_steps is None and COUNT_FINAL.is_dir(),
+            lambda: run_training("dit_count", device),
+            _final_done(COUNT_FINAL),
             needs=("finish", "finish-cache"),
         ),
-        Step("ship", lambda: ship(COUNT_FINAL, out), lambda: False, needs=("count",)),
+        Step(
+            "groups-data",
+            lambda: make_data(GROUPS_DATA, GROUPS_N, GROUPS_SEED, GROUPS_KINDS, GROUPS_SIZES),
+            _data_done(GROUPS_DATA),
+        ),
+        Step(
+            "groups-cache",
+            lambda: make_cache(GROUPS_DATA / "manifest.jsonl", GROUPS_CACHE, BASE, dev),
+            _cache_done(GROUPS_CACHE),
+            needs=("base", "groups-data"),
+        ),
+        Step(
+            "groups",
+            lambda: run_training("dit_groups", device, dit_steps),
+            lambda: dit_steps is None and GROUPS_FINAL.is_dir(),
+            needs=("count", "groups-cache"),
+        ),
+        Step("ship", lambda: ship(GROUPS_FINAL, out), lambda: False, needs=("groups",)),
     ]
 
 
@@ -450,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         "--dit-steps",
         type=int,
         default=None,
-        help="train the last DiT (count) on from its last checkpoint to N steps",
+        help="train the last DiT (groups) on from its last checkpoint to N steps",
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

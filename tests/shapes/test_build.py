@@ -121,6 +121,7 @@ def test_relation_manifest_adds_the_relation_captions_of_two_object_scenes(tmp_p
     ("dit_restore", build.BINDING_FINAL, build.REFINE_CACHE),
     ("dit_finish", build.RESTORE_FINAL, build.FINISH_CACHE),
     ("dit_count", build.FINISH_FINAL, build.FINISH_CACHE),
+    ("dit_groups", build.COUNT_FINAL, build.GROUPS_CACHE),
 ])  # fmt: skip
 def test_fine_tune_configs_read_what_the_build_writes(name, pretrained, data):
     from sana.training import load_train_config
@@ -135,6 +136,7 @@ def test_fine_tune_configs_read_what_the_build_writes(name, pretrained, data):
         "dit_restore": build.RESTORE_FINAL,
         "dit_finish": build.FINISH_FINAL,
         "dit_count": build.COUNT_FINAL,
+        "dit_groups": build.GROUPS_FINAL,
     }
     assert Path(cfg.run_dir) / "final" == finals[name]
 
@@ -155,5 +157,23 @@ def test_the_build_is_one_chain_to_ship(tmp_path):
         return replace(s, run=lambda: have.add(s.name), done=lambda: s.name in have)
 
     assert build.run_steps([dry(s) for s in steps], "ship") == names
-    have = {"count"}
+    have = {"groups"}
     assert build.run_steps([dry(s) for s in steps], "ship") == ["ship"]
+
+
+def test_groups_data_is_what_the_documented_command_writes(tmp_path):
+    """The build's groups-data step and `sana data shapes --kinds ... --sizes ...` (its docstring's command)
+    write the same files, and the scenes are drawn smaller than the default sets'."""
+    from sana.cli.main import main
+
+    build.make_data(tmp_path / "build", 60, build.GROUPS_SEED, build.GROUPS_KINDS, build.GROUPS_SIZES)
+    kinds = ",".join(f"{k}={v}" for k, v in build.GROUPS_KINDS.items())
+    sizes = ",".join(f"{k}={v}" for k, v in build.GROUPS_SIZES.items())
+    argv = ["data", "shapes", "--n", "60", "--seed", str(build.GROUPS_SEED), "--kinds", kinds, "--sizes", sizes]
+    assert main([*argv, "--out", str(tmp_path / "cli")]) == 0
+    for name in ("manifest.jsonl", "scenes.jsonl", "images/000059.png"):
+        assert (tmp_path / "build" / name).read_bytes() == (tmp_path / "cli" / name).read_bytes()
+    scenes = [json.loads(line) for line in (tmp_path / "build" / "scenes.jsonl").read_text().splitlines()]
+    sizes_drawn = [o["size"] for s in scenes for o in s["objects"]]
+    assert sizes_drawn.count("large") < sizes_drawn.count("medium")  # 20 % against 45 % of draws
+    assert sum(s["kind"] == "counting" for s in scenes) > 60 * 0.4

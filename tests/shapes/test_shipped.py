@@ -43,7 +43,7 @@ def test_shipped_folder_is_complete_small_and_the_default():
     assert (spec.steps, spec.guidance_scale) == (SAMPLING["steps"], SAMPLING["guidance_scale"])
     parts = load_components(SHIPPED_MODEL_DIR)
     # The build's last fine-tune: sincos positions on, and sampling with the time shift it trained with.
-    last = load_train_config(Path(__file__).parents[2] / CONFIGS["dit_count"])
+    last = load_train_config(Path(__file__).parents[2] / CONFIGS["dit_groups"])
     assert parts.transformer.config.interpolation_scale == 1.0
     assert parts.scheduler.flow_shift == last.flow.shift == 3.0
     assert parts.text_encoder.instruction is None

@@ -32,6 +32,7 @@ MINIMAL = {"run_dir": "runs/x", "max_steps": 10, "model": {"preset": "tiny"}, "d
         "shapes_dit_restore.yaml",
         "shapes_dit_finish.yaml",
         "shapes_dit_count.yaml",
+        "shapes_dit_groups.yaml",
         "shapes_dit_layout.yaml",
     ],
 )
