@@ -96,7 +96,7 @@ FINISH_N, FINISH_SEED = 12000, 93
 FINISH_KINDS = {"single": 0.35, "counting": 0.45, "relation": 0.15, "mixed": 0.05}
 # groups: fresh scenes, most of them counting groups, with sizes drawn smaller than the usual third each, so that
 # two to four objects of a group fit with room between them (the count run's miscounts were mostly merged
-# neighbours, a third of its objects large).
+# neighbours, two fifths of the objects it drew for counting prompts large).
 GROUPS_DATA, GROUPS_CACHE = Path("data/shapes-groups"), Path("data/shapes-groups-cache")
 GROUPS_N, GROUPS_SEED = 16000, 96
 GROUPS_KINDS = {"single": 0.2, "counting": 0.6, "relation": 0.15, "mixed": 0.05}
