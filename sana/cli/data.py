@@ -36,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_weights(text: str, flag: str) -> dict[str, float]:
-    """'relation=0.5,single=0.5' -> {'relation': 0.5, 'single': 0.5} (names and values are checked later, by
-    `kind_weights` or `size_weights`)."""
+    """'relation=0.5,single=0.5' -> {'relation': 0.5, 'single': 0.5} (names and values are checked by
+    `write_dataset`, with `kind_weights` or `size_weights`, before it writes anything)."""
     weights = {}
     for item in text.split(","):
         name, sep, value = item.partition("=")
@@ -57,15 +57,15 @@ def parse_weights(text: str, flag: str) -> dict[str, float]:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from sana.shapes.world import SCENE_KINDS, kind_weights, size_weights, write_dataset
+    from sana.shapes.world import SCENE_KINDS, write_dataset
 
     out = Path(args.out)
     if (out / "manifest.jsonl").exists() and not args.overwrite:
         raise ValueError(f"{out} already holds a dataset (manifest.jsonl); pass --overwrite to replace it")
     if args.size < 64:
         raise ValueError(f"--size must be at least 64, got {args.size}")
-    kinds = SCENE_KINDS if args.kinds is None else kind_weights(parse_weights(args.kinds, "--kinds"))
-    sizes = None if args.sizes is None else size_weights(parse_weights(args.sizes, "--sizes"))
+    kinds = SCENE_KINDS if args.kinds is None else parse_weights(args.kinds, "--kinds")
+    sizes = None if args.sizes is None else parse_weights(args.sizes, "--sizes")
     start = time.perf_counter()
     stats = write_dataset(out, args.n, args.seed, side=args.size, kinds=kinds, sizes=sizes)
     seconds = time.perf_counter() - start
