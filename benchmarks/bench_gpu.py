@@ -19,7 +19,7 @@ import torch
 from sana.config import config_to_dict
 from sana.models.dcae import DCAE, DCAE_PRESETS
 from sana.models.dit import DIT_PRESETS, SanaDiT
-from sana.types import TextEmbeddings
+from sana.types import Conditioning, TextEmbeddings
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -75,7 +75,7 @@ def dit_inputs(cfg, side: int, batch: int = 2):
 
 def run_dit(model, ours: bool, x, t, hidden, mask):
     if ours:
-        return model(x, t, TextEmbeddings(hidden, mask))
+        return model(x, t, Conditioning(TextEmbeddings(hidden, mask)))
     return model(x, hidden, t, encoder_attention_mask=mask).sample
 
 

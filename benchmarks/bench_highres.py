@@ -204,7 +204,7 @@ def dit_step(layers: int, rounds: int, where: str) -> dict:
 
     from sana.config import config_to_dict
     from sana.models.dit import DIT_PRESETS, SanaDiT
-    from sana.types import TextEmbeddings
+    from sana.types import Conditioning, TextEmbeddings
 
     cfg = replace(DIT_PRESETS["sana-600m-1024"], num_layers=layers)
     torch.manual_seed(0)
@@ -217,7 +217,7 @@ def dit_step(layers: int, rounds: int, where: str) -> dict:
     hidden = torch.randn(2, 300, cfg.caption_channels, generator=g)
     mask = torch.zeros(2, 300, dtype=torch.long)
     mask[:, :40] = 1
-    text = TextEmbeddings(hidden, mask)
+    text = Conditioning(TextEmbeddings(hidden, mask))
     run_ours = lambda: ours(x, t, text)
     run_theirs = lambda: theirs(x, hidden, t, encoder_attention_mask=mask, return_dict=False)[0]
     times: dict[str, list[float]] = {"ours": [], "theirs": []}

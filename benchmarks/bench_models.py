@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sana.config import config_to_dict
 from sana.models.dcae import DCAE, DCAE_PRESETS
 from sana.models.dit import DIT_PRESETS, DiTConfig, SanaDiT
-from sana.types import TextEmbeddings
+from sana.types import Conditioning, TextEmbeddings
 
 DIT_LAYERS, DIT_BATCH, DIT_SIDE, TEXT_LEN, TEXT_VALID = 4, 2, 32, 300, 40
 DCAE_SIDE = 16
@@ -186,7 +186,7 @@ def bench_dit(rounds: int, warmup: int) -> tuple[list[Result], DitArithmetic]:
         for name, valid in (("DiT forward", TEXT_VALID), ("DiT, no padding", TEXT_LEN)):
             mask = torch.zeros(DIT_BATCH, TEXT_LEN, dtype=torch.long)
             mask[:, :valid] = 1
-            text = TextEmbeddings(hidden, mask)
+            text = Conditioning(TextEmbeddings(hidden, mask))
 
             def run_ours(text=text):
                 return ours(x, t, text)

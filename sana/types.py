@@ -1,8 +1,9 @@
-"""Small value types that cross module boundaries (text embeddings, the velocity-function contract)."""
+"""Value types that cross module boundaries: text embeddings, the DiT's conditioning, the velocity contract."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -42,6 +43,98 @@ class TextEmbeddings:
             hidden.append(torch.nn.functional.pad(p.hidden, (0, 0, 0, pad)))
             mask.append(torch.nn.functional.pad(p.mask, (0, pad)))
         return TextEmbeddings(torch.cat(hidden), torch.cat(mask))
+
+
+@dataclass(frozen=True)
+class AttentionPerturbation:
+    """Self-attention replaced by the identity map (out = to_out(to_v(x))) in `blocks`, for the batch rows where
+    `rows` is True: the perturbed branch of perturbed-attention guidance (Ahn et al. 2024). The guidance
+    arithmetic itself lives in sana/samplers/guidance.py, not in the model."""
+
+    blocks: frozenset[int]
+    rows: torch.Tensor  # (B,) bool
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Everything the DiT is conditioned on besides the noisy latent and its time, one row per batch row.
+
+    text          caption states and mask (B, L, C_text) / (B, L)
+    guidance      (B,) the value a guidance-embedding model (Sana-Sprint) embeds, already scaled; None otherwise
+    perturbation  rows whose self-attention is perturbed, and in which blocks (PAG); None: no row is
+    residuals     per-block additions to the token stream, (B, N, C) each: residuals[k] is added to the tokens
+                  after block k + 1 (the first block's output receives none), diffusers' ControlNet convention
+
+    Guidance runs several conditionings in one batch; `stack` concatenates them field by field, so a new
+    field only needs its case there and the branch order is decided in one place (samplers/guidance.py).
+    """
+
+    text: TextEmbeddings
+    guidance: torch.Tensor | None = None
+    perturbation: AttentionPerturbation | None = None
+    residuals: tuple[torch.Tensor, ...] = ()
+
+    def __post_init__(self) -> None:
+        n = len(self.text)
+        if self.guidance is not None and self.guidance.shape != (n,):
+            raise ValueError(f"guidance must be ({n},) for {n} rows, got {tuple(self.guidance.shape)}")
+        if self.perturbation is not None and self.perturbation.rows.shape != (n,):
+            raise ValueError(f"perturbation rows must be ({n},), got {tuple(self.perturbation.rows.shape)}")
+        if any(r.ndim != 3 or r.shape[0] != n for r in self.residuals):
+            raise ValueError(f"residuals must be (B={n}, N, C) tensors")
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
+        """On `device`; text states and residuals in `dtype` (masks, rows and the guidance value keep theirs)."""
+        perturbation = self.perturbation
+        if perturbation is not None:
+            perturbation = replace(perturbation, rows=perturbation.rows.to(device))
+        return Conditioning(
+            self.text.to(device, dtype),
+            None if self.guidance is None else self.guidance.to(device),
+            perturbation,
+            tuple(r.to(device=device, dtype=dtype) for r in self.residuals),
+        )
+
+    def perturbed(self, blocks: Sequence[int]) -> Conditioning:
+        """This conditioning with every row's self-attention perturbed in `blocks` (the PAG branch)."""
+        rows = torch.ones(len(self), dtype=torch.bool, device=self.text.hidden.device)
+        return replace(self, perturbation=AttentionPerturbation(frozenset(blocks), rows))
+
+    @staticmethod
+    def stack(branches: Sequence[Conditioning]) -> Conditioning:
+        """Concatenate branches along the batch, every field: text (padded to the longest, mask 0), guidance,
+        the perturbed rows (False for a branch without perturbation) and each block's residual."""
+        if not branches:
+            raise ValueError("need at least one conditioning to stack")
+        if len(branches) == 1:
+            return branches[0]
+        guidance = [b.guidance for b in branches]
+        if any(g is None for g in guidance) and any(g is not None for g in guidance):
+            raise ValueError("either every branch has a guidance value or none has")
+        blocks = {b.perturbation.blocks for b in branches if b.perturbation is not None}
+        if len(blocks) > 1:
+            raise ValueError(f"branches perturb different blocks: {sorted(map(sorted, blocks))}")
+        perturbation = None
+        if blocks:
+            rows = [
+                b.perturbation.rows
+                if b.perturbation is not None
+                else torch.zeros(len(b), dtype=torch.bool, device=b.text.hidden.device)
+                for b in branches
+            ]
+            perturbation = AttentionPerturbation(blocks.pop(), torch.cat(rows))
+        depth = {len(b.residuals) for b in branches}
+        if len(depth) > 1:
+            raise ValueError(f"branches carry different numbers of residuals: {sorted(depth)}")
+        return Conditioning(
+            TextEmbeddings.cat([b.text for b in branches]),
+            None if guidance[0] is None else torch.cat(guidance),
+            perturbation,
+            tuple(torch.cat(level) for level in zip(*(b.residuals for b in branches), strict=True)),
+        )
 
 
 class VelocityFn(Protocol):

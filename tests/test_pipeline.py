@@ -235,7 +235,7 @@ def test_empty_prompt_is_unconditional_and_long_prompt_warns(ours):
 
 
 def test_low_memory_mode_returns_text_encoder_to_cpu(folder, monkeypatch):
-    pipe = SanaPipeline.from_pretrained(folder, offload_text_encoder=True)
+    pipe = SanaPipeline.from_pretrained(folder, offload=("text_encoder",))
     moves = []
     original = pipe.text_encoder.to
     monkeypatch.setattr(pipe.text_encoder, "to", lambda d: (moves.append(str(d)), original(d))[1])

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from sana.config import ConfigError
 from sana.models.dit import DIT_PRESETS, SanaDiT
-from sana.types import TextEmbeddings
+from sana.types import Conditioning, TextEmbeddings
 from sana.weights import INDEX_NAME, WEIGHTS_NAME, CheckpointError, atomic_write, load_model, save_model
 
 diffusers = pytest.importorskip("diffusers")
@@ -32,7 +32,7 @@ def _inputs(model: SanaDiT):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, cfg.in_channels, 8, 8, generator=g)
     text = TextEmbeddings(torch.randn(2, 5, cfg.caption_channels, generator=g), torch.ones(2, 5, dtype=torch.long))
-    return x, torch.tensor([999.0, 10.0]), text
+    return x, torch.tensor([999.0, 10.0]), Conditioning(text)
 
 
 def test_round_trip_and_dtypes(tiny_dit, tmp_path):
@@ -41,9 +41,9 @@ def test_round_trip_and_dtypes(tiny_dit, tmp_path):
     assert loaded.config == tiny_dit.config
     for k, v in tiny_dit.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
-    x, t, text = _inputs(tiny_dit)
+    x, t, cond = _inputs(tiny_dit)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x, t, text), tiny_dit(x, t, text), rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x, t, cond), tiny_dit(x, t, cond), rtol=0, atol=0)
     for dtype in (torch.bfloat16, torch.float16):
         low = load_model(SanaDiT, tmp_path / "transformer", dtype=dtype)
         assert all(p.dtype == dtype for p in low.parameters())
@@ -53,14 +53,14 @@ def test_round_trip_and_dtypes(tiny_dit, tmp_path):
 def test_diffusers_reads_what_we_write_and_we_read_what_it_writes(tiny_dit, tmp_path):
     save_model(tiny_dit, tmp_path / "ours")
     theirs = diffusers.SanaTransformer2DModel.from_pretrained(tmp_path / "ours").eval()
-    x, t, text = _inputs(tiny_dit)
+    x, t, cond = _inputs(tiny_dit)
     with torch.no_grad():
-        ref = theirs(x, text.hidden, t, encoder_attention_mask=text.mask).sample
-        torch.testing.assert_close(tiny_dit(x, t, text), ref, rtol=1e-4, atol=1e-5)
+        ref = theirs(x, cond.text.hidden, t, encoder_attention_mask=cond.text.mask).sample
+        torch.testing.assert_close(tiny_dit(x, t, cond), ref, rtol=1e-4, atol=1e-5)
     theirs.save_pretrained(tmp_path / "theirs")
     again = load_model(SanaDiT, tmp_path / "theirs")
     with torch.no_grad():
-        torch.testing.assert_close(again(x, t, text), ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(again(x, t, cond), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_sharded_checkpoint_loads(tiny_dit, tmp_path):

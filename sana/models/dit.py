@@ -25,23 +25,13 @@ from torch.utils.checkpoint import checkpoint
 from sana.config import ConfigError
 from sana.models.attention import relu_linear_attention
 from sana.models.layers import RMSNorm, TimestepEmbedder
-from sana.types import TextEmbeddings
+from sana.types import AttentionPerturbation, Conditioning, TextEmbeddings
 
 # Additive bias for masked text tokens. Not -inf: a row with every token masked must stay finite, and the
 # published models were run with exactly this value (exp(-1e4) underflows to 0 in fp32 anyway).
 MASK_BIAS = -10000.0
 
 QK_NORMS = (None, "rms_norm_across_heads")
-
-
-@dataclass(frozen=True)
-class AttentionPerturbation:
-    """Replace self-attention by the identity map (out = to_out(to_v(x))) in `blocks`, for the batch rows
-    where `rows` is True. This is the perturbed branch of perturbed-attention guidance (Ahn et al. 2024);
-    the guidance arithmetic itself lives in the samplers' guidance wrappers, not here."""
-
-    blocks: frozenset[int]
-    rows: torch.Tensor  # (B,) bool
 
 
 @dataclass(frozen=True)
@@ -348,11 +338,12 @@ class TimeEmbedding(nn.Module):
 
 
 class SanaDiT(nn.Module):
-    """forward(x (B, C_in, H, W), t (B,), text) -> velocity (B, C_out, H, W).
+    """forward(x (B, C_in, H, W), t (B,), cond: Conditioning) -> velocity (B, C_out, H, W).
 
     `t` is fed to the sinusoidal features as given: the published checkpoints expect the integer
-    timestep floor(1000 * sigma) times `timestep_scale`; that conversion lives in the sampler adapter
-    (sana/pipeline.py), not here. `guidance` is likewise the already-scaled value the embedder sees.
+    timestep floor(1000 * sigma) times `timestep_scale`; the schedules build those numbers
+    (sana/samplers/schedules.py), not the model. `cond.guidance` is likewise the already-scaled value the
+    guidance embedder sees.
     """
 
     config_class = DiTConfig
@@ -406,7 +397,7 @@ class SanaDiT(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings) -> None:
+    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> None:
         """One-line errors for inputs the model cannot take, before any compute."""
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
@@ -414,22 +405,24 @@ class SanaDiT(nn.Module):
         h, w = x.shape[-2:]
         if h % cfg.patch_size or w % cfg.patch_size or h == 0 or w == 0:
             raise ValueError(f"latent size {h}x{w} is not a positive multiple of patch size {cfg.patch_size}")
-        if text.hidden.shape[-1] != cfg.caption_channels:
+        if not isinstance(cond, Conditioning):
+            raise TypeError(f"the DiT takes a Conditioning, got {type(cond).__name__}")
+        if cond.text.hidden.shape[-1] != cfg.caption_channels:
             raise ValueError(
-                f"text embeddings have {text.hidden.shape[-1]} channels, model expects {cfg.caption_channels}"
+                f"text embeddings have {cond.text.hidden.shape[-1]} channels, model expects {cfg.caption_channels}"
             )
-        if len(text) != x.shape[0] or t.shape not in ((x.shape[0],), ()):
-            raise ValueError(f"batch mismatch: latent {x.shape[0]}, text {len(text)}, timesteps {tuple(t.shape)}")
+        if len(cond) != x.shape[0] or t.shape not in ((x.shape[0],), ()):
+            raise ValueError(f"batch mismatch: latent {x.shape[0]}, text {len(cond)}, timesteps {tuple(t.shape)}")
+        if cfg.guidance_embeds and cond.guidance is None:
+            raise ValueError("this model embeds the guidance scale: the conditioning needs `guidance`")
+        if len(cond.residuals) >= cfg.num_layers:
+            raise ValueError(
+                f"{len(cond.residuals)} residuals for a {cfg.num_layers}-block model (at most {cfg.num_layers - 1})"
+            )
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        text: TextEmbeddings,
-        guidance: torch.Tensor | None = None,
-        perturbation: AttentionPerturbation | None = None,
-    ) -> torch.Tensor:
-        self.check_inputs(x, t, text)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """x (B, C_in, H, W) at model time t (B,) or () -> velocity (B, C_out, H, W)."""
+        self.check_inputs(x, t, cond)
         b, _, height, width = x.shape
         p = self.config.patch_size
         hw = (height // p, width // p)
@@ -437,10 +430,11 @@ class SanaDiT(nn.Module):
 
         tokens = self.patch_embed(x)  # (B, N, C)
         dtype = tokens.dtype
-        emb, t6 = self.time_embed(t, None if guidance is None else guidance.expand(b), dtype)  # (B,C),(B,6C)
-        text = drop_padding(text)  # (B, L', C_text): only positions some row attends to
+        emb, t6 = self.time_embed(t, cond.guidance, dtype)  # (B, C), (B, 6C)
+        text = drop_padding(cond.text)  # (B, L', C_text): only positions some row attends to
         context = self.caption_norm(self.caption_projection(text.hidden.to(dtype)))  # (B, L', C)
         bias = mask_to_bias(text.mask, dtype)  # (B, 1, 1, L')
+        perturbation = cond.perturbation
 
         for i, block in enumerate(self.transformer_blocks):
             rows = perturbation.rows if perturbation is not None and i in perturbation.blocks else None
@@ -448,6 +442,8 @@ class SanaDiT(nn.Module):
                 tokens = checkpoint(block, tokens, context, bias, t6, hw, rows, use_reentrant=False)
             else:
                 tokens = block(tokens, context, bias, t6, hw, rows)
+            if 0 < i <= len(cond.residuals):  # a ControlNet's contribution to this block's output
+                tokens = tokens + cond.residuals[i - 1].to(dtype)
 
         shift, scale = (self.scale_shift_table[None] + emb[:, None]).unsqueeze(2).unbind(1)  # (B, 1, C) each
         tokens = self.proj_out(modulate(self.norm_out.norm(tokens), shift, scale))  # (B, N, p*p*C_out)
@@ -493,8 +489,8 @@ DIT_PRESETS: dict[str, DiTConfig] = {
         70, 20, 20, 112, sample_size=32, qk_norm="rms_norm_across_heads", guidance_embeds=True
     ),
     # The shipped shapes model's DiT (configs/train/shapes_dit.yaml): 192 wide (6 heads x 32), 8 blocks, reading
-    # the shapes text encoder's 128-wide states and the shapes DC-AE's 8x8x32 latents of 256^2 images; 5.0M
-    # parameters, ~0.6 GFLOP per image forward, so 20 CFG steps take about half a second on two CPU cores.
+    # the shapes text encoder's 128-wide states and the shapes DC-AE's 8x8x32 latents of 256^2 images; 5.1M
+    # parameters, ~0.6 GFLOP per image forward (docs/shapes.md times the whole model end to end).
     "sana-shapes": DiTConfig(
         in_channels=32,
         out_channels=32,

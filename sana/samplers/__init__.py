@@ -20,20 +20,25 @@ Two times per step. The solver's arithmetic always uses the schedule (flow sigma
 Callbacks receive one StepInfo(index, total, t, x, denoised) per step, in order; `progress=True` shows a
 tqdm bar.
 
-Registry: SAMPLERS maps exact names to functions and DEFAULT_SCHEDULES names the schedule each was made
-for; `get_sampler` rejects unknown names.
+Registry: SAMPLERS maps exact names to `Sampler` entries (common.py): the function, the schedule it was made
+for, and how to run it on a `Schedule`. The pipeline, the CLI's choices and the docs all read this one table,
+so a new sampler is one module (its function, schedule builder and entry) and one line below.
+`get_sampler` returns a sampler's function and rejects unknown names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
-
-from sana.samplers.common import Callback, StepInfo
+from sana.errors import UserError
+from sana.samplers import dpm_solver, euler, scm
+from sana.samplers.common import Callback, SampleFn, Sampler, Schedule, StepInfo
 from sana.samplers.dpm_solver import sample_dpm_solver
 from sana.samplers.euler import sample_euler
-from sana.samplers.guidance import batched_guidance, classifier_free_guidance, uses_guidance
+from sana.samplers.guidance import (
+    batched_guidance,
+    classifier_free_guidance,
+    guided_velocity,
+    uses_guidance,
+)
 from sana.samplers.schedules import (
     dpm_flow_sigmas,
     euler_flow_sigmas,
@@ -43,37 +48,40 @@ from sana.samplers.schedules import (
 )
 from sana.samplers.scm import sample_scm
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "dpm": sample_dpm_solver,
-    "euler": sample_euler,
-    "scm": sample_scm,
-}
-
-DEFAULT_SCHEDULES: dict[str, Callable[..., torch.Tensor]] = {
-    "dpm": dpm_flow_sigmas,
-    "euler": euler_flow_sigmas,
-    "scm": scm_timesteps,
+SAMPLERS: dict[str, Sampler] = {
+    "dpm": dpm_solver.SAMPLER,
+    "euler": euler.SAMPLER,
+    "scm": scm.SAMPLER,
 }
 
 
-def get_sampler(name: str) -> Callable[..., torch.Tensor]:
+def check_sampler(name: str) -> Sampler:
+    """The registry entry called `name`, or a one-line error listing the choices."""
     try:
         return SAMPLERS[name]
-    except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None
+    except (KeyError, TypeError):
+        raise UserError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None
+
+
+def get_sampler(name: str) -> SampleFn:
+    """The sampler function called `name` (sample_<name>(velocity_fn, x, times, ...))."""
+    return check_sampler(name).function
 
 
 __all__ = [
-    "DEFAULT_SCHEDULES",
     "SAMPLERS",
     "Callback",
+    "Sampler",
+    "Schedule",
     "StepInfo",
     "batched_guidance",
+    "check_sampler",
     "classifier_free_guidance",
     "dpm_flow_sigmas",
     "euler_flow_sigmas",
     "flow_shift",
     "get_sampler",
+    "guided_velocity",
     "model_timesteps",
     "sample_dpm_solver",
     "sample_euler",

@@ -1,7 +1,9 @@
-"""What the samplers share: the per-step record given to callbacks, input checks, the step loop's progress bar."""
+"""What the samplers share: the schedule value, the registry entry type, the per-step record given to callbacks,
+input checks, the step loop's progress bar."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -24,6 +26,93 @@ class StepInfo:
 
 
 Callback = Callable[[StepInfo], None]
+
+
+TIME_SPACES = ("flow", "trigflow")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Where a sampler goes, from noise to data, and what the model is shown on the way.
+
+    times        (steps + 1,) the sampler's own time variable, decreasing, ending at 0: flow sigma for "flow"
+                 samplers, the TrigFlow angle for "trigflow" ones (scm.py)
+    model_times  (steps,) the number the model receives as its timestep at each step, already in the model's
+                 units (for the published checkpoints: trunc(1000 sigma) or 1000 sigma, times the DiT's
+                 timestep_scale); None when the sampler derives it from `times` itself (scm)
+    space        how `times` mixes data and noise: "flow" x = (1 - t) x0 + t eps; "trigflow" x = cos(t) x0 +
+                 sin(t) eps, in units of the data standard deviation `sigma_data`
+
+    The schedules are built once per call by the sampler's registry entry, so the model's times are made in one
+    place. Slicing keeps the tail of a run: `last(n)` is the last n steps with their model times, which is how
+    img2img starts part-way (`for_strength`).
+    """
+
+    times: torch.Tensor
+    model_times: torch.Tensor | None = None
+    space: str = "flow"
+    sigma_data: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.space not in TIME_SPACES:
+            raise ValueError(f"schedule space must be one of {TIME_SPACES}, got {self.space!r}")
+        if self.times.ndim != 1 or self.times.numel() < 2:
+            raise ValueError(f"a schedule needs (steps + 1,) times with steps >= 1, got {tuple(self.times.shape)}")
+        if self.model_times is not None and self.model_times.shape != (self.steps,):
+            raise ValueError(f"model_times must be ({self.steps},), got {tuple(self.model_times.shape)}")
+
+    @property
+    def steps(self) -> int:
+        return self.times.numel() - 1
+
+    def last(self, n: int) -> Schedule:
+        """The last `n` steps (1 <= n <= steps): the same times and model times, started later."""
+        if not 1 <= n <= self.steps:
+            raise ValueError(f"can keep 1 to {self.steps} steps of this schedule, not {n}")
+        model_times = None if self.model_times is None else self.model_times[self.steps - n :]
+        return Schedule(self.times[self.steps - n :], model_times, self.space, self.sigma_data)
+
+    def for_strength(self, strength: float) -> Schedule:
+        """The steps an img2img run of this strength takes: the last ceil(strength * steps), at least one.
+
+        strength 1 is the whole schedule (from noise); a small strength starts close to the data.
+        """
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+        # The tolerance keeps float products such as 0.3 * 10 = 3.0000000000000004 from taking a step more.
+        return self.last(max(1, math.ceil(strength * self.steps - 1e-9)))
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The clean latent x0 noised to this schedule's first time, as the sampler's start (float32)."""
+        t = self.times[0].to(torch.float32)
+        x0, noise = x0.float(), noise.float()
+        if self.space == "flow":
+            return (1 - t) * x0 + t * noise
+        return torch.cos(t) * x0 / self.sigma_data + torch.sin(t) * noise
+
+
+SampleFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """One entry of the samplers' registry (sana/samplers/__init__.py).
+
+    label     the sampler's name in docs and help ("Flow-DPM-Solver")
+    function  the pure sampler, sample_<name>(velocity_fn, x, times, ...); calling the entry calls it
+    schedule  (steps, *, shift, sigma_data, timestep_scale) -> Schedule: the times this sampler was made for,
+              shift being the model's flow shift and timestep_scale its DiT's
+    run       (velocity_fn, x, schedule, *, generator, callback, progress) -> final latent: the function
+              driven by a Schedule (the pipeline's one way to sample)
+    """
+
+    label: str
+    function: SampleFn
+    schedule: Callable[..., Schedule]
+    run: Callable[..., torch.Tensor]
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        return self.function(*args, **kwargs)
 
 
 def working_dtype(x: torch.Tensor) -> torch.dtype:

@@ -33,7 +33,17 @@ from __future__ import annotations
 
 import torch
 
-from sana.samplers.common import Callback, StepInfo, check_schedule, step_range, time_batch, working_dtype
+from sana.samplers.common import (
+    Callback,
+    Sampler,
+    Schedule,
+    StepInfo,
+    check_schedule,
+    step_range,
+    time_batch,
+    working_dtype,
+)
+from sana.samplers.schedules import dpm_flow_sigmas, model_timesteps
 from sana.types import VelocityFn
 
 # Below this many steps the final step drops to first order even if it does not end at sigma = 0.
@@ -84,3 +94,17 @@ def sample_dpm_solver(
         if callback is not None:
             callback(StepInfo(index=i, total=steps, t=float(s), x=x, denoised=x0))
     return x
+
+
+def dpm_schedule(steps: int, *, shift: float, timestep_scale: float = 1.0, **_: object) -> Schedule:
+    """The published Flow-DPM-Solver run: `dpm_flow_sigmas`; the model sees trunc(1000 sigma) x timestep_scale."""
+    sigmas = dpm_flow_sigmas(steps, shift)
+    return Schedule(sigmas, model_timesteps(sigmas) * timestep_scale)
+
+
+def run_dpm_solver(velocity_fn: VelocityFn, x: torch.Tensor, schedule: Schedule, **kw: object) -> torch.Tensor:
+    kw.pop("generator", None)  # deterministic
+    return sample_dpm_solver(velocity_fn, x, schedule.times, model_times=schedule.model_times, **kw)
+
+
+SAMPLER = Sampler("Flow-DPM-Solver", sample_dpm_solver, dpm_schedule, run_dpm_solver)

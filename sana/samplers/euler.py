@@ -16,7 +16,17 @@ from __future__ import annotations
 
 import torch
 
-from sana.samplers.common import Callback, StepInfo, check_schedule, step_range, time_batch, working_dtype
+from sana.samplers.common import (
+    Callback,
+    Sampler,
+    Schedule,
+    StepInfo,
+    check_schedule,
+    step_range,
+    time_batch,
+    working_dtype,
+)
+from sana.samplers.schedules import euler_flow_sigmas
 from sana.types import VelocityFn
 
 
@@ -46,3 +56,17 @@ def sample_euler(
         if callback is not None:
             callback(StepInfo(index=i, total=steps, t=float(s), x=x, denoised=denoised))
     return x
+
+
+def euler_schedule(steps: int, *, shift: float, timestep_scale: float = 1.0, **_: object) -> Schedule:
+    """The published Flow-Euler run: `euler_flow_sigmas`, the model seeing float32 1000 sigma x timestep_scale."""
+    sigmas = euler_flow_sigmas(steps, shift)
+    return Schedule(sigmas, sigmas[:-1].float() * 1000 * timestep_scale)
+
+
+def run_euler(velocity_fn: VelocityFn, x: torch.Tensor, schedule: Schedule, **kw: object) -> torch.Tensor:
+    kw.pop("generator", None)  # deterministic
+    return sample_euler(velocity_fn, x, schedule.times, model_times=schedule.model_times, **kw)
+
+
+SAMPLER = Sampler("Flow-Euler", sample_euler, euler_schedule, run_euler)

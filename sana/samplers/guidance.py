@@ -10,20 +10,23 @@ pipeline does, and returns uncond + scale (cond - uncond). The reference only ru
 for scale <= 1 it evaluates the conditional branch alone, at half the cost, so a pipeline matching it uses
 its conditional velocity function directly instead of this wrapper (see `uses_guidance`).
 
-Further guidance kinds reuse `batched_guidance` with their own branch count and combination; perturbed-
-attention guidance, for example, adds a third branch whose model call skips self-attention and combines
-uncond + s (cond - uncond) + s_pag (cond - perturbed).
+`guided_velocity` is where a model that takes a `Conditioning` meets these wrappers, and the one place that
+decides the branch order: [uncond] (when classifier-free guidance runs), [cond], [cond with perturbed
+self-attention] (when perturbed-attention guidance runs, Ahn et al. 2024). It stacks the branches'
+conditionings field by field (`Conditioning.stack`), so whatever a conditioning carries (text, a guidance
+embedding, ControlNet residuals) reaches the model in the same order as the latents.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
-from sana.types import VelocityFn
+from sana.types import Conditioning, VelocityFn
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x stacked over branches, t) -> output
+ConditionedModel = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]  # (x, t, cond) -> v
 
 
 def uses_guidance(scale: float) -> bool:
@@ -60,3 +63,39 @@ def classifier_free_guidance(model_fn: ModelFn, scale: float) -> VelocityFn:
         return uncond + scale * (cond - uncond)
 
     return batched_guidance(model_fn, 2, combine)
+
+
+def guided_velocity(
+    model: ConditionedModel,
+    cond: Conditioning,
+    uncond: Conditioning | None = None,
+    *,
+    scale: float = 1.0,
+    pag_scale: float = 0.0,
+    pag_layers: Sequence[int] = (),
+) -> VelocityFn:
+    """The VelocityFn of `model` under classifier-free and perturbed-attention guidance, in one batch per step.
+
+    uncond: the unconditional (negative-prompt) conditioning; given, classifier-free guidance runs with
+    `scale` (the caller decides whether it runs, see `uses_guidance`). pag_scale > 0 adds the branch whose
+    self-attention is the identity in `pag_layers`. Combinations, with u, c, p the branch outputs:
+        cfg only  u + scale (c - u)          pag only  c + pag_scale (c - p)
+        both      u + scale (c - u) + pag_scale (c - p)
+    With neither, the model's own output is returned unchanged (no extra batch, no upcast).
+    """
+    pag = pag_scale > 0
+    branches = ([uncond] if uncond is not None else []) + [cond] + ([cond.perturbed(pag_layers)] if pag else [])
+    stacked = Conditioning.stack(branches)
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model(x, t, stacked)
+
+    if len(branches) == 1:
+        return model_fn
+    if not pag:
+        return classifier_free_guidance(model_fn, scale)
+    if uncond is not None:
+        combine = lambda u, c, p: u + scale * (c - u) + pag_scale * (c - p)
+    else:
+        combine = lambda c, p: c + pag_scale * (c - p)
+    return batched_guidance(model_fn, len(branches), combine)

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import torch
 
-from sana.samplers.common import Callback, StepInfo, step_range, working_dtype
+from sana.samplers.common import Callback, Sampler, Schedule, StepInfo, step_range, working_dtype
+from sana.samplers.schedules import scm_timesteps
 from sana.types import VelocityFn
 
 Generator = torch.Generator | list[torch.Generator] | None
@@ -91,3 +92,15 @@ def sample_scm(
         if callback is not None:
             callback(StepInfo(index=i, total=steps, t=float(s[0]), x=z / sigma_data, denoised=x0 / sigma_data))
     return x0 / sigma_data
+
+
+def scm_schedule(steps: int, *, sigma_data: float = 0.5, **_: object) -> Schedule:
+    """The published Sprint run: `scm_timesteps` angles; the sampler derives the model's flow time itself."""
+    return Schedule(scm_timesteps(steps), None, space="trigflow", sigma_data=sigma_data)
+
+
+def run_scm(velocity_fn: VelocityFn, x: torch.Tensor, schedule: Schedule, **kw: object) -> torch.Tensor:
+    return sample_scm(velocity_fn, x, schedule.times, sigma_data=schedule.sigma_data, **kw)
+
+
+SAMPLER = Sampler("sCM (Sana-Sprint)", sample_scm, scm_schedule, run_scm)

@@ -25,7 +25,7 @@ from torch import nn
 from sana.flow import dit_timesteps, flow_loss, interpolate, sample_times, velocity_target
 from sana.training.config import FlowConfig
 from sana.training.distributed import DistContext, gradient_sync, mean_over_ranks
-from sana.types import TextEmbeddings
+from sana.types import Conditioning, TextEmbeddings
 
 MIXED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -124,7 +124,8 @@ def flow_forward(model: nn.Module, batch: FlowBatch, timestep_scale: float, dtyp
     """The flow-matching loss of one micro-batch (sana/flow.py)."""
     x_t = interpolate(batch.x0, batch.noise, batch.t)  # (B, C, h, w)
     target = velocity_target(batch.x0, batch.noise)  # (B, C, h, w)
-    prediction = model(x_t.to(dtype), dit_timesteps(batch.t, timestep_scale), batch.text.to(dtype=dtype))
+    cond = Conditioning(batch.text.to(dtype=dtype))
+    prediction = model(x_t.to(dtype), dit_timesteps(batch.t, timestep_scale), cond)
     return flow_loss(prediction, target)
 
 

@@ -16,7 +16,8 @@ from torch import nn
 from sana.models.dcae import DCAE, DCAE_PRESETS
 from sana.models.dcae_tiling import DEFAULT_TILE, receptive_radius, tile_bounds, tiled_decode, tiled_local
 from sana.models.dit import SanaDiT
-from sana.pipeline import AUTO_TILE_ABOVE_PX, SanaPipeline, vae_tile_for
+from sana.generation import AUTO_TILE_ABOVE_PX, vae_tile_for
+from sana.pipeline import SanaPipeline
 from sana.tiny import tiny_components
 
 TINY = DCAE_PRESETS["tiny"]
@@ -199,15 +200,15 @@ def pipe():
 
 
 def test_pipeline_tiles_large_requests_and_matches_untiled(pipe, monkeypatch):
-    import sana.pipeline
+    import sana.generation
 
     calls = []
     decode = pipe.vae.decode
     monkeypatch.setattr(pipe.vae, "decode", lambda z, tile=None: (calls.append(tile), decode(z, tile=tile))[1])
     kw = dict(seed=0, steps=2, height=96, width=160, output_type="pt", use_resolution_binning=False)
     untiled = pipe("a red cat", vae_tile=None, **kw)
-    monkeypatch.setattr(sana.pipeline, "AUTO_TILE_ABOVE_PX", 128)  # make 96x160 a "large" request
-    monkeypatch.setattr(sana.pipeline, "DEFAULT_TILE", 8)  # latents: 24x40 -> 3 x 5 tiles
+    monkeypatch.setattr(sana.generation, "AUTO_TILE_ABOVE_PX", 128)  # make 96x160 a "large" request
+    monkeypatch.setattr(sana.generation, "DEFAULT_TILE", 8)  # latents: 24x40 -> 3 x 5 tiles
     auto = pipe("a red cat", **kw)
     explicit = pipe("a red cat", vae_tile=5, **kw)
     assert calls == [None, 8, 5]
@@ -217,7 +218,7 @@ def test_pipeline_tiles_large_requests_and_matches_untiled(pipe, monkeypatch):
 
 
 def test_pipeline_checks_vae_tile_before_model_work(pipe, monkeypatch):
-    monkeypatch.setattr(pipe, "encode_text", lambda *a: pytest.fail("model work before validation"))
+    monkeypatch.setattr(pipe, "encode", lambda *a: pytest.fail("model work before validation"))
     with pytest.raises(ValueError, match="tile must be a positive int"):
         pipe("a cat", vae_tile=0, steps=1, height=64, width=64)
 

@@ -9,7 +9,7 @@ import torch
 
 from sana.config import ConfigError, config_from_dict, config_to_dict
 from sana.models.dit import DIT_PRESETS, DiTConfig, SanaDiT, sincos_positions
-from sana.types import TextEmbeddings
+from sana.types import Conditioning, TextEmbeddings
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -57,7 +57,7 @@ def check(cfg: dict, *, guidance: torch.Tensor | None = None, rtol=1e-4, atol=1e
     x, t, hidden, mask = inputs(cfg, **kw)
     with torch.no_grad():
         ref = theirs(x, hidden, t, guidance=guidance, encoder_attention_mask=mask).sample
-        out = ours(x, t, TextEmbeddings(hidden, mask), guidance=guidance)
+        out = ours(x, t, Conditioning(TextEmbeddings(hidden, mask), guidance=guidance))
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
 
@@ -80,7 +80,7 @@ def test_parity_masks_drop_padding_must_not_change(rows):
     mask = torch.tensor(rows)
     with torch.no_grad():
         ref = theirs(x, hidden, t, encoder_attention_mask=mask).sample
-        out = ours(x, t, TextEmbeddings(hidden, mask))
+        out = ours(x, t, Conditioning(TextEmbeddings(hidden, mask)))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -182,7 +182,7 @@ def test_init_weights_gives_zero_velocity_and_identity_blocks():
     model = SanaDiT(DiTConfig(**TINY))
     model.init_weights()
     x, t, hidden, mask = inputs(TINY)
-    out = model(x, t, TextEmbeddings(hidden, mask))
+    out = model(x, t, Conditioning(TextEmbeddings(hidden, mask)))
     assert torch.count_nonzero(out) == 0
     # Gates are zero at init, so the residual stream leaves each self-attention / FFN untouched.
     assert torch.count_nonzero(model.time_embed.linear.weight) == 0
@@ -193,7 +193,7 @@ def test_meta_build_and_gradient_checkpointing_equivalence():
         SanaDiT(DIT_PRESETS["sana-1600m-4k"])
     _, ours = pair(TINY)
     x, t, hidden, mask = inputs(TINY)
-    text = TextEmbeddings(hidden, mask)
+    text = Conditioning(TextEmbeddings(hidden, mask))
     ours.train()
     ours(x, t, text).square().mean().backward()
     grads = [p.grad.clone() for p in ours.parameters()]
@@ -207,13 +207,13 @@ def test_meta_build_and_gradient_checkpointing_equivalence():
 def test_bad_inputs_are_one_line_errors():
     _, ours = pair(TINY)
     x, t, hidden, mask = inputs(TINY)
-    text = TextEmbeddings(hidden, mask)
+    text = Conditioning(TextEmbeddings(hidden, mask))
     with pytest.raises(ValueError, match=r"latent must be \(B, 4, H, W\)"):
         ours(x[:, :3], t, text)
     with pytest.raises(ValueError, match="not a positive multiple of patch size 2"):
         SanaDiT(DiTConfig(**{**TINY, "patch_size": 2}))(x[..., :7], t, text)
     with pytest.raises(ValueError, match="text embeddings have 5 channels"):
-        ours(x, t, TextEmbeddings(hidden[..., :5], mask))
+        ours(x, t, Conditioning(TextEmbeddings(hidden[..., :5], mask)))
     with pytest.raises(ValueError, match="batch mismatch"):
         ours(x[:1], t, text)
 

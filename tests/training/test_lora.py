@@ -17,7 +17,7 @@ from sana.tiny import TINY_TEXT_HIDDEN, tiny_components
 from sana.training.config import LoRAConfig
 from sana.training.loop import train
 from sana.training.lora import apply_lora, export_lora
-from sana.types import TextEmbeddings
+from sana.types import Conditioning, TextEmbeddings
 from sana.weights import load_model
 from tests.training.test_loop import one_thread, tiny_config  # noqa: F401 (fixture)
 
@@ -153,9 +153,9 @@ def test_merged_lora_matches_diffusers_and_peft(tmp_path, folder):
     x, t, hidden, mask = dit_inputs()
 
     ours = SanaPipeline.from_pretrained(folder)
-    plain = ours.transformer(x, t, TextEmbeddings(hidden, mask))
+    plain = ours.transformer(x, t, Conditioning(TextEmbeddings(hidden, mask)))
     assert len(ours.load_lora(lora_dir, scale)) == 16
-    out = ours.transformer(x, t, TextEmbeddings(hidden, mask))
+    out = ours.transformer(x, t, Conditioning(TextEmbeddings(hidden, mask)))
     assert (out - plain).abs().max() > 1e-2 * plain.abs().max()  # the LoRA matters
 
     unfused, fused = diffusers.SanaPipeline.from_pretrained(folder), diffusers.SanaPipeline.from_pretrained(folder)
@@ -183,7 +183,7 @@ def test_merged_lora_matches_diffusers_and_peft(tmp_path, folder):
     one.load_lora(lora_dir)
     with torch.no_grad():
         torch.testing.assert_close(
-            one.transformer(x, t, TextEmbeddings(hidden, mask)), wrapped(x, t, TextEmbeddings(hidden, mask)),
+            one.transformer(x, t, Conditioning(TextEmbeddings(hidden, mask))), wrapped(x, t, Conditioning(TextEmbeddings(hidden, mask))),
             atol=1e-5, rtol=1e-4,
         )  # fmt: skip
 
@@ -231,7 +231,7 @@ def test_lora_file_with_diffusers_alpha_metadata(tmp_path, folder):
         expected = theirs.transformer(
             x, encoder_hidden_states=hidden, timestep=t, encoder_attention_mask=mask, return_dict=False
         )[0]
-        torch.testing.assert_close(ours.transformer(x, t, TextEmbeddings(hidden, mask)), expected,
+        torch.testing.assert_close(ours.transformer(x, t, Conditioning(TextEmbeddings(hidden, mask))), expected,
                                    atol=1e-5, rtol=1e-4)  # fmt: skip
 
 

@@ -1,0 +1,348 @@
+"""The steps of text-to-image generation as small functions, which `SanaPipeline.__call__` composes and which the
+CLI, a server, ComfyUI nodes and image conditioning can compose differently.
+
+    plan_request      the call's arguments, validated, as a `Plan`: settings shared by the batch and what each
+                      image gets (prompt, negative prompt, seed); every user mistake is found here, before any
+                      model work
+    SAMPLERS[...].schedule  the sampler's `Schedule` (its times and the model's), sliceable for img2img
+    initial_noise / start_latents   the starting latents: seeded noise, optionally an initial latent noised
+                      to the schedule's first time
+    dit_model + guided_velocity     the velocity function: a DiT bound to a compute placement, under
+                      classifier-free and perturbed-attention guidance over a `Conditioning`
+    SAMPLERS[...].run the sampler over the schedule
+    decode_latents    latents -> images in [-1, 1] at the requested size
+
+Nothing here holds state between calls; every function takes what it needs and returns a value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sana.aspect_ratios import TABLES_BY_RESOLUTION, nearest_bucket, resize_and_center_crop
+from sana.errors import UserError
+from sana.models.dcae import DCAE
+from sana.models.dcae_tiling import DEFAULT_TILE, check_tile
+from sana.models.dit import SanaDiT
+from sana.samplers import Schedule, check_sampler
+from sana.samplers.guidance import ConditionedModel, uses_guidance
+from sana.types import Conditioning
+
+SIZE_MULTIPLE = 32  # what the reference accepts; also a multiple of every DC-AE compression we ship
+
+# Automatic tiled decoding (vae_tile="auto"): images with a side above this many pixels are decoded in tiles of
+# DEFAULT_TILE latents (768 px with the 32x DC-AE). Tiling gives the same image up to float rounding and
+# bounds the decoder's memory by a tile instead of the image area (an untiled 4096x4096 decode needs tens of
+# GB); below the threshold one untiled pass is a little faster.
+AUTO_TILE_ABOVE_PX = 2048
+
+OUTPUT_TYPES = ("pil", "pt", "latent")
+
+
+def vae_tile_for(vae_tile: int | str | None, height: int, width: int) -> int | None:
+    """The DC-AE tile size (latents) to decode a height x width image with, or None for one pass.
+
+    vae_tile: "auto" (tile only above AUTO_TILE_ABOVE_PX on either side), None (never tile) or a tile size.
+    """
+    if vae_tile == "auto":
+        return DEFAULT_TILE if max(height, width) > AUTO_TILE_ABOVE_PX else None
+    if vae_tile is not None:
+        check_tile(vae_tile)
+    return vae_tile
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Validated settings shared by every image of a batch (everything except prompts, seeds and models)."""
+
+    height: int
+    width: int
+    steps: int
+    guidance_scale: float
+    sampler: str
+    pag_scale: float
+    pag_layers: tuple[int, ...]
+    images_per_prompt: int
+
+
+def check_settings(
+    *,
+    height: int,
+    width: int,
+    steps: int,
+    guidance_scale: float,
+    sampler: str,
+    pag_scale: float,
+    pag_layers: Sequence[int],
+    images_per_prompt: int,
+    num_layers: int,
+) -> GenerationSettings:
+    """One-line UserErrors for every bad setting, raised before any model work."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise UserError(f"steps must be a positive integer, got {steps!r}")
+    for name, value in (("guidance scale", guidance_scale), ("PAG scale", pag_scale)):
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise UserError(f"{name} must be a finite number, got {value!r}")
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or value <= 0 or value % SIZE_MULTIPLE:
+            raise UserError(f"{name} must be a positive multiple of {SIZE_MULTIPLE}, got {value!r}")
+    check_sampler(sampler)
+    if pag_scale < 0:
+        raise UserError(f"PAG scale must be >= 0, got {pag_scale}")
+    bad = [i for i in pag_layers if not 0 <= i < num_layers]
+    if bad:
+        raise UserError(f"PAG layers {bad} out of range for a {num_layers}-block model")
+    if images_per_prompt < 1:
+        raise UserError(f"images per prompt must be >= 1, got {images_per_prompt}")
+    return GenerationSettings(
+        height,
+        width,
+        steps,
+        float(guidance_scale),
+        sampler,
+        float(pag_scale),
+        tuple(pag_layers),
+        images_per_prompt,
+    )
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What planning a request needs to know about the models, read once from their configs."""
+
+    default_size: int  # the native image side in pixels
+    num_layers: int
+    latent_channels: int
+    compression: int  # the autoencoder's spatial compression
+    guidance_embeds: bool  # Sprint: the guidance scale is a model input, not a batch combination
+    sampler: str  # the model folder's defaults (sampling.json, scheduler config)
+    steps: int
+    guidance_scale: float
+
+    @classmethod
+    def of(cls, transformer: SanaDiT, vae: DCAE, scheduler: Any) -> ModelFacts:
+        cfg = transformer.config
+        f = vae.config.spatial_compression
+        return cls(
+            cfg.sample_size * f,
+            cfg.num_layers,
+            cfg.in_channels,
+            f,
+            cfg.guidance_embeds,
+            scheduler.sampler,
+            scheduler.steps,
+            scheduler.guidance_scale,
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated request: the settings of the batch and what each image is made from.
+
+    Image i belongs to prompt i // images_per_prompt. `seed` is as the caller gave it: one int (or None, a
+    random seed) seeds a single generator for the whole batch, as diffusers does; a tuple holds one seed
+    per image (what `sana generate` and a server use, so an image does not depend on its batch).
+    """
+
+    settings: GenerationSettings
+    prompts: tuple[str, ...]
+    negatives: tuple[str, ...]  # one per prompt
+    seed: int | tuple[int, ...] | None
+    sample_size: tuple[int, int]  # (h, w) the DiT samples at: the aspect-ratio bucket, or the request itself
+    latent_shape: tuple[int, int, int]  # (C, h, w)
+    cfg: bool  # classifier-free guidance runs: scale > 1 and the model does not embed the scale
+    tile: int | None  # DC-AE decode tile, None: one pass
+
+    @property
+    def n(self) -> int:
+        return len(self.prompts) * self.settings.images_per_prompt
+
+    def image_parameters(self, instruction: bool) -> list[dict[str, Any]]:
+        """The parameters stored in each image (PNG text chunks)."""
+        s = self.settings
+        seeds = list(self.seed) if isinstance(self.seed, tuple) else [self.seed] * self.n
+        return [
+            {
+                "prompt": self.prompts[i // s.images_per_prompt],
+                "negative_prompt": self.negatives[i // s.images_per_prompt] if self.cfg else None,
+                "seed": seeds[i],
+                "index_in_batch": i,
+                "steps": s.steps,
+                "guidance_scale": s.guidance_scale,
+                "sampler": s.sampler,
+                "pag_scale": s.pag_scale,
+                "height": s.height,
+                "width": s.width,
+                "instruction": instruction,
+            }
+            for i in range(self.n)
+        ]
+
+
+def plan_request(
+    model: ModelFacts,
+    prompt: str | Sequence[str],
+    *,
+    negative_prompt: str | Sequence[str] = "",
+    height: int | None = None,
+    width: int | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    sampler: str | None = None,
+    seed: int | Sequence[int] | None = None,
+    images_per_prompt: int = 1,
+    use_resolution_binning: bool = True,
+    pag_scale: float = 0.0,
+    pag_layers: Sequence[int] = (0,),
+    vae_tile: int | str | None = "auto",
+) -> Plan:
+    """Validate a call's arguments into a Plan; None takes the model's default. Raises UserError, never starts
+    model work."""
+    prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
+    negatives = (negative_prompt,) * len(prompts) if isinstance(negative_prompt, str) else tuple(negative_prompt)
+    if not prompts or len(negatives) != len(prompts):
+        raise UserError(
+            f"need >= 1 prompt and one negative prompt per prompt, got {len(prompts)}/{len(negatives)}"
+        )
+    settings = check_settings(
+        height=model.default_size if height is None else height,
+        width=model.default_size if width is None else width,
+        steps=model.steps if steps is None else steps,
+        guidance_scale=model.guidance_scale if guidance_scale is None else guidance_scale,
+        sampler=sampler or model.sampler,
+        pag_scale=pag_scale,
+        pag_layers=pag_layers,
+        images_per_prompt=images_per_prompt,
+        num_layers=model.num_layers,
+    )
+    table = TABLES_BY_RESOLUTION.get(model.default_size) if use_resolution_binning else None
+    h, w = nearest_bucket(settings.height, settings.width, table) if table else (settings.height, settings.width)
+    tile = vae_tile_for(vae_tile, h, w)
+    f = model.compression
+    if h % f or w % f:
+        raise UserError(f"size {h}x{w} is not a multiple of the autoencoder's {f}x compression")
+    n = len(prompts) * images_per_prompt
+    if seed is not None and not isinstance(seed, int):
+        seed = tuple(int(s) for s in seed)
+        if len(seed) != n:
+            raise UserError(f"got {len(seed)} seeds for {n} images")
+    return Plan(
+        settings=settings,
+        prompts=prompts,
+        negatives=negatives,
+        seed=seed,
+        sample_size=(h, w),
+        latent_shape=(model.latent_channels, h // f, w // f),
+        cfg=uses_guidance(settings.guidance_scale) and not model.guidance_embeds,
+        tile=tile,
+    )
+
+
+# ---------------------------------------------------------------------------------------- noise and times
+
+Generators = torch.Generator | list[torch.Generator]
+
+
+def seeded_generators(seed: int | Sequence[int] | None, n: int) -> Generators:
+    """CPU generators for a call, so one seed gives one image on every device, as in the reference.
+
+    One int (or None, a random seed): a single generator for the whole batch, as a diffusers generator.
+    A list: one generator per image.
+    """
+    if seed is None or isinstance(seed, int):
+        g = torch.Generator("cpu")
+        g.manual_seed(seed) if seed is not None else g.seed()
+        return g
+    if len(seed) != n:
+        raise UserError(f"got {len(seed)} seeds for {n} images")
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seed]
+
+
+def initial_noise(generators: Generators, n: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Float32 standard normal (n, *shape): drawn as a whole from one generator, or row by row."""
+    if isinstance(generators, list):
+        return torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
+    return torch.randn((n, *shape), generator=generators, dtype=torch.float32)
+
+
+def model_schedule(sampler: str, steps: int, scheduler: Any, transformer: SanaDiT) -> Schedule:
+    """The sampler's schedule for this model: its flow shift (or sigma_data) and its DiT's timestep_scale."""
+    return check_sampler(sampler).schedule(
+        steps,
+        shift=scheduler.flow_shift,
+        sigma_data=scheduler.sigma_data,
+        timestep_scale=transformer.config.timestep_scale,
+    )
+
+
+def start_latents(
+    schedule: Schedule, noise: torch.Tensor, init: torch.Tensor | None = None, strength: float = 1.0
+) -> tuple[torch.Tensor, Schedule]:
+    """The sampler's starting latents and the schedule to run from them.
+
+    Without `init`: the noise itself, over the whole schedule (text to image). With an initial latent `init`
+    (normalised, as the DC-AE encodes): the last ceil(strength * steps) steps of the schedule, starting from
+    `init` noised to the first of them with this noise (image to image).
+    """
+    if init is None:
+        if strength != 1.0:
+            raise UserError("a strength below 1 needs an initial image")
+        return noise, schedule
+    if init.shape != noise.shape:
+        raise UserError(f"initial latents {tuple(init.shape)} do not match the noise {tuple(noise.shape)}")
+    schedule = schedule.for_strength(strength)
+    return schedule.noised(init.to(noise.device), noise), schedule
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+
+def dit_model(transformer: SanaDiT, device: torch.device, dtype: torch.dtype) -> ConditionedModel:
+    """The DiT as the guidance wrappers call it: latents cast to the compute dtype, times as float32 on the
+    device, the conditioning as given (already placed, see `Conditioning.to`)."""
+
+    def model(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return transformer(x.to(dtype), t.to(device, torch.float32), cond)
+
+    return model
+
+
+def sprint_guidance(plan: Plan, guidance_embeds_scale: float, device: torch.device) -> torch.Tensor:
+    """(B,) the value a guidance-embedding model sees: the guidance scale times its embedding scale."""
+    return torch.full((plan.n,), plan.settings.guidance_scale * guidance_embeds_scale, device=device)
+
+
+def decode_latents(vae: DCAE, latents: torch.Tensor, plan: Plan, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 3, height, width) float32 images in [-1, 1]: decoded (tiled as planned), then resized from the
+    aspect-ratio bucket to the requested size."""
+    images = vae.decode(latents.to(dtype), tile=plan.tile).float()  # (B, 3, h, w)
+    height, width = plan.settings.height, plan.settings.width
+    if plan.sample_size != (height, width):
+        images = resize_and_center_crop(images, height, width)
+    return images
+
+
+__all__ = [
+    "AUTO_TILE_ABOVE_PX",
+    "GenerationSettings",
+    "ModelFacts",
+    "Plan",
+    "check_settings",
+    "decode_latents",
+    "dit_model",
+    "initial_noise",
+    "model_schedule",
+    "plan_request",
+    "seeded_generators",
+    "sprint_guidance",
+    "start_latents",
+    "vae_tile_for",
+]
