@@ -55,13 +55,14 @@ from docs_section import DOCS, write_section
 from PIL import Image, ImageDraw, ImageFont
 
 from sana.flow import dit_timesteps, interpolate, velocity_target
+from sana.generation import dit_model, initial_noise, model_schedule, seeded_generators, start_latents
 from sana.images import to_pil
 from sana.models.text_encoder import TextEncoder
-from sana.pipeline import SanaPipeline, check_settings, initial_noise, seeded_generators
+from sana.pipeline import SanaPipeline
 from sana.pretrained import default_model
-from sana.samplers.dpm_solver import sample_dpm_solver
-from sana.samplers.guidance import uses_guidance
-from sana.samplers.schedules import dpm_flow_sigmas, model_timesteps
+from sana.samplers import SAMPLERS as REGISTRY
+from sana.samplers.guidance import guided_velocity
+from sana.samplers.schedules import dpm_flow_sigmas
 from sana.shapes.analyzer import Analysis, analyze, check
 from sana.shapes.build import DATA_SEED, N_IMAGES
 from sana.shapes.evaluate import (
@@ -86,12 +87,12 @@ from sana.shapes.world import (
     sample_prompts,
     scene_for_index,
 )
-from sana.types import TextEmbeddings
+from sana.types import Conditioning, TextEmbeddings
 
 DOC = DOCS / "shapes.md"
 _PAGE = "# The shipped shapes model\n\nFigures written by `benchmarks/shapes_quality.py`.\n"
 STEPS = (5, 10, 14, 20, 28, 50)
-SAMPLERS = {"dpm": "Flow-DPM-Solver", "euler": "Flow-Euler"}
+SAMPLERS = {name: REGISTRY[name].label for name in ("dpm", "euler")}  # the steps table's samplers
 WRITE = True  # --no-write: print only
 TARGETS = {"single": 0.95, "sized": 0.90, "relation": 0.75, "counting": 0.75}
 
@@ -302,29 +303,26 @@ decoder (its ceiling is the ceiling section's).
 def handoff_generator(pipe: SanaPipeline, skip: int) -> Generate:
     """Like `pipeline_generator(pipe)` at the defaults, but the first `skip` steps are replaced by the truth:
     sampling starts at the schedule's `skip`-th noise level from the ground-truth scene's latent noised there
-    (x_t = (1 - t) x0 + t noise). skip 0 is a normal run, bit for bit."""
+    (x_t = (1 - t) x0 + t noise), as img2img does. skip 0 is a normal run, bit for bit."""
     spec = pipe.scheduler
     if spec.sampler != "dpm" or not 0 <= skip < spec.steps:
         raise ValueError(f"need a Flow-DPM-Solver model and 0 <= skip < {spec.steps}, got {spec.sampler}, {skip}")
-    sigmas = dpm_flow_sigmas(spec.steps, spec.flow_shift)
-    times = model_timesteps(sigmas)
     truth = oracle_generator()
-    settings = check_settings(
-        height=IMAGE_SIZE, width=IMAGE_SIZE, steps=spec.steps, guidance_scale=spec.guidance_scale, sampler="dpm",
-        pag_scale=0.0, pag_layers=(0,), images_per_prompt=1, num_layers=pipe.transformer.config.num_layers,
-    )  # fmt: skip
+    full = model_schedule("dpm", spec.steps, spec, pipe.transformer)
 
     @torch.inference_mode()
     def generate(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
-        n = len(prompts)
+        plan = pipe.plan(prompts, seed=list(seeds), height=IMAGE_SIZE, width=IMAGE_SIZE)
+        s = plan.settings
         pixels = np.stack([np.asarray(im, dtype=np.float32) for im in truth(prompts, seeds)])  # (B, H, W, 3)
         x0 = pipe.vae.encode(torch.from_numpy(pixels).permute(0, 3, 1, 2).div(127.5).sub(1)).float()
-        noise = initial_noise(seeded_generators(list(seeds), n), n, tuple(x0.shape[1:]))
-        t = sigmas[skip]
-        x = noise if skip == 0 else (1 - t) * x0 + t * noise
-        cond, *uncond = pipe.encode_text(prompts, [""] * n if uses_guidance(spec.guidance_scale) else None)
-        velocity = pipe.velocity_fn(TextEmbeddings.cat([*uncond, cond]), settings, n)  # uncond first, as __call__
-        final = sample_dpm_solver(velocity, x, sigmas[skip:], model_times=times[skip:])
+        noise = initial_noise(seeded_generators(plan.seed, plan.n), plan.n, plan.latent_shape)
+        strength = (spec.steps - skip) / spec.steps  # keeps the last steps - skip steps
+        x, schedule = start_latents(full, noise, None if skip == 0 else x0, strength)
+        cond, uncond = pipe.encode(plan)
+        model = dit_model(pipe.transformer, pipe.device, pipe.dtype)
+        velocity = guided_velocity(model, cond, uncond, scale=s.guidance_scale)
+        final = REGISTRY["dpm"].run(velocity, x, schedule)
         return to_pil(pipe.vae.decode(final).float(), [{} for _ in prompts])
 
     return generate
@@ -396,7 +394,7 @@ def part_probe(pipe: SanaPipeline, n: int, seed: int) -> None:
             x_t, target = interpolate(x0, eps, tt), velocity_target(x0, eps)
             steps = dit_timesteps(tt, pipe.transformer.config.timestep_scale)
             for k, text in texts.items():
-                loss[k].append(F.mse_loss(pipe.transformer(x_t, steps, text), target).item())
+                loss[k].append(F.mse_loss(pipe.transformer(x_t, steps, Conditioning(text)), target).item())
     head = "| prompt | " + " | ".join(f"t = {t}" for t in times) + " |\n|---|" + "---:|" * len(times) + "\n"
     given = loss["as given"]
     cells = {
@@ -579,7 +577,9 @@ def position_readout(pipe: SanaPipeline, x0: torch.Tensor, text: TextEmbeddings,
             eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + 1))
             tt = torch.full((n,), t)
             pipe.transformer(
-                interpolate(x0, eps, tt), dit_timesteps(tt, pipe.transformer.config.timestep_scale), text
+                interpolate(x0, eps, tt),
+                dit_timesteps(tt, pipe.transformer.config.timestep_scale),
+                Conditioning(text),
             )
     finally:
         for hook in hooks:

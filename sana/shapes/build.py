@@ -12,15 +12,15 @@ interrupted build is the same command again (every training resumes from its new
                      declaring bare captions (instruction.json) and the steps
     cache            `sana cache`: latents + caption embeddings, 256^2, no buckets     data/shapes-cache
     dit              configs/train/shapes_dit.yaml: the Linear DiT, from scratch       runs/shapes-dit/final
-    base             that DiT's model folder in float16 (once shipped alone)           runs/shapes-base
+    base             that DiT's model folder in float16                                runs/shapes-base
   then seven fine-tunes for layouts (docs/shapes.md, experiments H, I, K, L, M, O, R), all encoding with the
-  base folder:
+  base folder; their shared settings are configs/train/common/shapes_dit_finetune.yaml:
     relation-source  `sana data shapes`: 24,000 images, seed 77                        data/shapes-relation-source
     positions-data   a manifest: data/shapes, then only the relation captions of the   data/shapes-positions
                      first 5,000 two-object scenes of relation-source
     positions-cache  `sana cache` of positions-data                                    data/shapes-positions-cache
     positions        configs/train/shapes_dit_positions.yaml: base, sincos positions   runs/shapes-dit-positions
-                     switched on, 76 % of samples above t = 0.8
+                     switched on, trained mostly at high noise
     refine-data      `sana data shapes --kinds ...`: 20,000 images, seed 91, weighted  data/shapes-refine
                      to relation and counting scenes
     refine-cache     `sana cache` of refine-data                                       data/shapes-refine-cache
@@ -77,8 +77,8 @@ DATA, CACHE = Path("data/shapes"), Path("data/shapes-cache")
 N_IMAGES, DATA_SEED = 10000, 0  # the base DiT's training set: scenes 0..N_IMAGES-1 of this seed
 COMPONENTS, BASE = Path("runs/shapes-components"), Path("runs/shapes-base")
 # The fine-tunes' data. positions: the base set plus the relation captions alone of RELATION_SCENES two-object
-# scenes of a second set; refine: fresh scenes, kinds weighted (sana/shapes/world.py SCENE_KINDS) towards the
-# two layouts the base DiT got least right.
+# scenes of a second set; refine: fresh scenes, kinds weighted (sana/shapes/world.py SCENE_KINDS) towards
+# relations and counts.
 RELATION_SOURCE, RELATION_SOURCE_N, RELATION_SOURCE_SEED = Path("data/shapes-relation-source"), 24000, 77
 RELATION_SCENES = 5000  # two-object scenes of it whose relation captions join the base set
 POSITIONS_DATA, POSITIONS_CACHE = Path("data/shapes-positions"), Path("data/shapes-positions-cache")
@@ -89,14 +89,13 @@ REFINE_KINDS = {"single": 0.2, "counting": 0.3, "relation": 0.4, "mixed": 0.1}
 # of a set of relation scenes only.
 BINDING_SOURCE, BINDING_SOURCE_N, BINDING_SOURCE_SEED = Path("data/shapes-binding-source"), 12000, 78
 BINDING_DATA, BINDING_CACHE = Path("data/shapes-binding"), Path("data/shapes-binding-cache")
-# finish: fresh scenes weighted to the two categories restore left furthest from their targets (sizes, counts),
-# with some relations so the side binding is rehearsed.
+# finish: fresh scenes weighted to sizes (single objects carry the size captions) and counts, with some relations
+# so the side binding is rehearsed.
 FINISH_DATA, FINISH_CACHE = Path("data/shapes-finish"), Path("data/shapes-finish-cache")
 FINISH_N, FINISH_SEED = 12000, 93
 FINISH_KINDS = {"single": 0.35, "counting": 0.45, "relation": 0.15, "mixed": 0.05}
 # groups: fresh scenes, most of them counting groups, with sizes drawn smaller than the usual third each, so that
-# two to four objects of a group fit with room between them (the count run's miscounts were mostly merged
-# neighbours, two fifths of the objects it drew for counting prompts large).
+# two to four objects of a group fit with room between them instead of merging (docs/shapes.md, experiment R).
 GROUPS_DATA, GROUPS_CACHE = Path("data/shapes-groups"), Path("data/shapes-groups-cache")
 GROUPS_N, GROUPS_SEED = 16000, 96
 GROUPS_KINDS = {"single": 0.2, "counting": 0.6, "relation": 0.15, "mixed": 0.05}
@@ -112,16 +111,9 @@ POSITIONS_FINAL, REFINE_FINAL, BINDING_FINAL, RESTORE_FINAL, FINISH_FINAL, COUNT
     for n in ("positions", "refine", "binding", "restore", "finish", "count", "groups")
 )
 # What `sana generate` uses with this model when a call names neither steps nor guidance; the folder declares what
-# differs from the library's usual 20 steps and guidance 4.5 (sampling.json), and `ship` writes it. Steps:
-# on the base DiT, 20 Flow-DPM-Solver steps beat 10 by 2.5 points (mean of the four categories) on 400 prompts
-# (`sana eval shapes --n-per-category 100 --seed 2000 --steps N`: 60.0 % against 62.5 %, mostly sizes) for 0.2 s
-# more end to end; with flow shift 3 the DiTs since score within noise from 10 to 50 steps, so 20 stayed.
-# Guidance: chosen for the restore run's export on 200 prompts that are not the README's (`--n-per-category 50
-# --seed 3000`; the mean of the four categories): 2.0 -> 82 %, 2.5 -> 84 %, 3.0 -> 81 %, 4.5 -> 74 %, 6.0 -> 73 %.
-# Lower guidance mostly helps sizes (72 -> 96 % from 4.5 to 2.5) and counts (48 -> 60 %). The runs after it keep
-# 2.5: the finish run's export on the seed-3000 prompts, 1.25 / 1.5 / 2.0 / 2.5 -> 79.5 / 79.5 / 87 / 86.5 %; the
-# count run's on 200 counting prompts (`--categories counting --n-per-category 200 --seed 5000`), 2.0 -> 74 %,
-# 2.5 -> 74.5 %.
+# differs from the library's usual 20 steps and guidance 4.5 (sampling.json), and `ship` writes it. Both were
+# measured on prompts that are not the README's; the figures are in docs/shapes.md ("How the shipped DiT was
+# trained").
 SAMPLING = {"steps": 20, "guidance_scale": 2.5}
 _DONE = ".complete"  # written into a dataset folder after its last image
 
@@ -336,8 +328,8 @@ def build_steps(n_images: int, seed: int, device: str, out: Path, dit_steps: int
             needs=("data", "components"),
         ),
         Step("dit", lambda: run_training("dit", device), _final_done(DIT_FINAL), needs=("cache",)),
-        # The fine-tunes start from, and encode with, the float16 folder: what they started from when they were
-        # run by hand (sessions 8 and 9), and the encoders that ship.
+        # The fine-tunes start from, and encode with, the float16 folder: the encoders that ship, and what the
+        # hand-run fine-tunes started from (docs/shapes.md).
         Step("base", lambda: ship(DIT_FINAL, BASE.resolve()), _final_done(BASE), needs=("dit",)),
         Step(
             "relation-source",
