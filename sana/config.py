@@ -12,13 +12,15 @@ import json
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sana.errors import UserError
+
 T = TypeVar("T")
 
 # Bookkeeping keys that diffusers/transformers write into config.json; they describe the file, not the model.
 _META_PREFIX = "_"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that cannot describe a valid model (unknown field, bad value)."""
 
 
@@ -55,9 +57,13 @@ def read_json(path: str | Path) -> dict[str, Any]:
     """A JSON object from a file, or a one-line ConfigError naming the file."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"missing {path}") from None
+    except (IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):

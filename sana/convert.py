@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from sana.errors import UserError
 from sana.models.dit import DIT_PRESETS, DiTConfig, SanaDiT
 from sana.weights import CheckpointError, check_keys
 
@@ -55,6 +56,7 @@ _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$|^blocks\.(\d+)\.(
 # The original code names its models by width; the cross-attention split is not visible in shapes.
 _CROSS_BY_WIDTH = {1152: (16, 72), 2240: (20, 112)}
 _INTERPOLATION_BY_SIZE = {512: None, 1024: None, 2048: 1.0, 4096: 2.0}
+_NEEDED_TO_INFER = ("patch_embed.proj.weight", "proj_out.weight", "caption_projection.linear_1.weight")
 
 
 def read_original_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -112,7 +114,10 @@ def convert_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 def infer_config(state: dict[str, torch.Tensor], image_size: int) -> DiTConfig:
     """The DiTConfig of a converted state dict: widths and depth from shapes, positions from the size."""
     if image_size not in _INTERPOLATION_BY_SIZE:
-        raise ValueError(f"image size must be one of {sorted(_INTERPOLATION_BY_SIZE)}, got {image_size}")
+        raise UserError(f"image size must be one of {sorted(_INTERPOLATION_BY_SIZE)}, got {image_size}")
+    missing = [k for k in _NEEDED_TO_INFER if k not in state]
+    if missing or not any(k.startswith("transformer_blocks.") for k in state):
+        raise CheckpointError(f"cannot infer the model from a checkpoint without {', '.join(missing) or 'blocks'}")
     width = state["patch_embed.proj.weight"].shape[0]
     if width not in _CROSS_BY_WIDTH:
         raise CheckpointError(f"unknown model width {width}; pass a preset instead")
@@ -146,7 +151,7 @@ def convert_checkpoint(
     state = convert_state_dict(read_original_checkpoint(path))
     if preset is not None:
         if preset not in DIT_PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(DIT_PRESETS)}")
+            raise UserError(f"unknown preset {preset!r}; choose from {', '.join(DIT_PRESETS)}")
         config = DIT_PRESETS[preset]
     else:
         config = infer_config(state, image_size)

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from sana.errors import UserError, user_path
 from sana.weights import atomic_write
 
 PARAMETERS_KEY = "sana:parameters"  # PNG text chunk holding the JSON of how the image was made
@@ -37,7 +38,7 @@ def save_image(image: Image.Image, path: str | Path) -> Path:
         info.add_text(PARAMETERS_KEY, image.info[PARAMETERS_KEY])
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
-        raise ValueError(f"unknown image format for {path} (use .png, .jpg or .webp)")
+        raise UserError(f"unknown image format for {path} (use .png, .jpg or .webp)")
     atomic_write(
         path, lambda tmp: image.save(tmp, format=fmt, pnginfo=info) if info else image.save(tmp, format=fmt)
     )
@@ -45,6 +46,13 @@ def save_image(image: Image.Image, path: str | Path) -> Path:
 
 
 def read_parameters(path: str | Path) -> dict[str, Any]:
-    """The generation parameters stored in a PNG written by `save_image`."""
-    with Image.open(path) as image:
-        return json.loads(image.info[PARAMETERS_KEY])
+    """The generation parameters stored in a PNG written by `save_image`; a UserError for a file that is
+    missing, not an image, or has none."""
+    try:
+        with user_path(path, "image"), Image.open(path) as image:
+            text = image.info.get(PARAMETERS_KEY)
+    except UnidentifiedImageError as e:
+        raise UserError(f"{path} is not an image PIL can read") from e
+    if text is None:
+        raise UserError(f"{path} holds no {PARAMETERS_KEY} (it was not written by `sana generate`)")
+    return json.loads(text)

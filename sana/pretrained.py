@@ -20,8 +20,8 @@ model, whose small text encoder never saw an instruction). Without that file a m
 
 Likewise the number of steps a model needs is a property of the model: the published Sana folders sample well
 with Flow-DPM-Solver at 20 steps (the default without the file), Sprint folders at 2 (the default for an
-SCMScheduler), and a folder may declare its own in `sampling.json` (the shipped shapes model does, from its
-measured steps-against-accuracy table). An explicit `steps=` / `--steps` always wins.
+SCMScheduler), and a folder may declare its own in `sampling.json` (the shipped shapes model does; docs/shapes.md
+says how its values were chosen). An explicit `steps=` / `--steps` always wins.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from sana.config import ConfigError, read_json
+from sana.errors import UserError
 from sana.models.dcae import DCAE
 from sana.models.dit import SanaDiT
 from sana.models.text_encoder import DEFAULT_INSTRUCTION, TextEncoder
@@ -165,7 +166,7 @@ def choose_instruction(no_chi: bool = False, chi_file: str | None = None) -> Ins
     from sana.models.text_encoder import load_instruction
 
     if no_chi and chi_file:
-        raise ValueError("--no-chi and --chi-file contradict each other: give one")
+        raise UserError("--no-chi and --chi-file contradict each other: give one")
     return None if no_chi else load_instruction(chi_file) if chi_file else MODEL_INSTRUCTION
 
 
@@ -198,7 +199,7 @@ def default_model() -> Path:
     """The model used when none is named: the shipped one, or a one-line error saying how to get one."""
     model = shipped_model()
     if model is None:
-        raise ValueError(
+        raise UserError(
             "no --model given and this build ships no model yet: pass --model with a Sana model folder "
             "(diffusers layout, e.g. one written by `sana demo` or `sana convert`) or a Hub id such as "
             "Efficient-Large-Model/Sana_600M_1024px_diffusers"

@@ -24,6 +24,7 @@ from torch import nn
 
 from sana import __version__
 from sana.config import config_to_dict, read_config
+from sana.errors import UserError
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -34,7 +35,7 @@ DIFFUSERS_VERSION = "0.42.1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A weights file or folder that does not match the model it should fill."""
 
 
@@ -55,7 +56,7 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+        raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -69,8 +70,10 @@ def _weight_files(folder: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON or not UTF-8
             raise CheckpointError(f"{index}: unreadable shard index ({e})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: unreadable shard index (weight_map is not an object)")
         return [folder / name for name in sorted(set(weight_map.values()))]
     others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pth"))
     hint = f" (found {', '.join(others)}: convert it with `sana convert`)" if others else ""

@@ -5,7 +5,9 @@ Re-running on the same folder finishes an interrupted cache; finished shards are
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from sana.config import ConfigError
+from sana.errors import UserError, one_line, read_user_file
 
 _FLAGS = ("model", "out", "kind", "resolution", "no_buckets", "shard_size", "batch_size", "device", "dtype")
 
@@ -30,6 +32,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chi-file", help="this file's exact contents as the instruction (default: the model's own)")
 
 
+def read_config_file(path: str):
+    """The YAML (or JSON) value in `path`; a one-line UserError naming the file if it cannot be read or parsed."""
+    import yaml
+
+    text = read_user_file(path, "--config file")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        reason = getattr(e, "problem", None) or one_line(e)
+        raise ConfigError(f"{path} is not valid YAML: {reason}{where}") from e
+
+
 def cache_config(args: argparse.Namespace):
     from sana.data.cache import CacheConfig
     from sana.data.loader import DataConfig
@@ -43,18 +59,13 @@ def cache_config(args: argparse.Namespace):
             f"--{n.replace('_', '-')}" for n in (*_FLAGS, "no_chi", "chi_file") if getattr(args, n) is not None
         ]
         if args.data or given:
-            raise ValueError(
-                f"give either --config or DATA and flags, not both (got {', '.join(given) or 'DATA'})"
-            )
-        import yaml
-
-        text = Path(args.config).read_text()
-        data = yaml.safe_load(text)
+            raise UserError(f"give either --config or DATA and flags, not both (got {', '.join(given) or 'DATA'})")
+        data = read_config_file(args.config)
         if not isinstance(data, dict):
-            raise ValueError(f"{args.config} must hold a mapping of CacheConfig keys")
+            raise ConfigError(f"{args.config} must hold a mapping of CacheConfig keys")
         return CacheConfig.from_dict(data, source=args.config)
     if not args.data or not args.model or not args.out:
-        raise ValueError("need DATA, --model and --out (or --config FILE)")
+        raise UserError("need DATA, --model and --out (or --config FILE)")
     data = DataConfig(
         path=args.data[0] if len(args.data) == 1 else tuple(args.data),
         kind=args.kind or "auto",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from sana.errors import UserError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.pretrained is None and not args.model.startswith(("local-dir:", "hf-hub:")):
-        raise ValueError("--pretrained is required: a CLIP with random weights gives meaningless scores")
+        raise UserError("--pretrained is required: a CLIP with random weights gives meaningless scores")
     scorer = open_clip_scorer(args.model, args.pretrained, model_config=args.model_config, device=args.device)
     report = score_manifest(args.manifest, args.out, scorer, batch_size=args.batch_size)
     print(f"scored {report.scored} images into {args.out} ({report.unreadable} unreadable, left unscored)")

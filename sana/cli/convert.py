@@ -6,6 +6,10 @@ import argparse
 import shutil
 from pathlib import Path
 
+from sana.errors import UserError, user_path
+
+BASE_PARTS = ("vae", "text_encoder", "tokenizer")  # what --base gives the converted folder
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="original .pth file (read with weights_only=True)")
@@ -23,21 +27,29 @@ def run(args: argparse.Namespace) -> int:
     from sana.config import read_json
     from sana.convert import convert_checkpoint, flow_shift_for
     from sana.pretrained import SchedulerSpec, resolve_model_dir
-    from sana.weights import parse_dtype, save_model, write_json
+    from sana.weights import CheckpointError, parse_dtype, save_model, write_json
 
     out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"the output {out} is a file, not a folder")
     base = resolve_model_dir(args.base) if args.base else None  # fail on a bad --base before the heavy part
-    model = convert_checkpoint(args.checkpoint, image_size=args.image_size, preset=args.preset)
-    save_model(model, out / "transformer", dtype=parse_dtype(args.dtype))
-    spec = SchedulerSpec(sampler="dpm", flow_shift=flow_shift_for(args.image_size))
-    write_json(out / "scheduler" / "scheduler_config.json", spec.to_dict())
     if base is not None:
-        for part in ("vae", "text_encoder", "tokenizer"):
-            shutil.copytree(base / part, out / part, dirs_exist_ok=True)
         index = read_json(base / "model_index.json")
-        index["transformer"] = ["diffusers", "SanaTransformer2DModel"]
-        index["scheduler"] = ["diffusers", "DPMSolverMultistepScheduler"]
-        write_json(out / "model_index.json", index)
+        missing = [part for part in BASE_PARTS if not (base / part).is_dir()]
+        if missing:
+            raise CheckpointError(f"--base {base} has no {', '.join(f'{p}/' for p in missing)}")
+    model = convert_checkpoint(args.checkpoint, image_size=args.image_size, preset=args.preset)
+    with user_path(out, "output folder", "write to"):
+        save_model(model, out / "transformer", dtype=parse_dtype(args.dtype))
+        spec = SchedulerSpec(sampler="dpm", flow_shift=flow_shift_for(args.image_size))
+        write_json(out / "scheduler" / "scheduler_config.json", spec.to_dict())
+        if base is not None:
+            for part in BASE_PARTS:
+                shutil.copytree(base / part, out / part, dirs_exist_ok=True)
+            index["transformer"] = ["diffusers", "SanaTransformer2DModel"]
+            index["scheduler"] = ["diffusers", "DPMSolverMultistepScheduler"]
+            write_json(out / "model_index.json", index)
+    if base is not None:
         print(f"wrote a complete model folder to {out}")
     else:
         print(f"wrote {out}/transformer and {out}/scheduler; add vae/, text_encoder/, tokenizer/ (or use --base)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sana.errors import UserError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -47,9 +49,9 @@ def parse_weights(text: str, flag: str) -> dict[str, float]:
         except ValueError:
             weight = None
         if weight is None:
-            raise ValueError(f"{flag} takes NAME=WEIGHT pairs separated by commas, got {item!r}")
+            raise UserError(f"{flag} takes NAME=WEIGHT pairs separated by commas, got {item!r}")
         if name in weights:
-            raise ValueError(f"{flag} names {name!r} twice")
+            raise UserError(f"{flag} names {name!r} twice")
         weights[name] = weight
     return weights
 
@@ -61,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if (out / "manifest.jsonl").exists() and not args.overwrite:
-        raise ValueError(f"{out} already holds a dataset (manifest.jsonl); pass --overwrite to replace it")
+        raise UserError(f"{out} already holds a dataset (manifest.jsonl); pass --overwrite to replace it")
     if args.size < 64:
-        raise ValueError(f"--size must be at least 64, got {args.size}")
+        raise UserError(f"--size must be at least 64, got {args.size}")
     kinds = SCENE_KINDS if args.kinds is None else parse_weights(args.kinds, "--kinds")
     sizes = None if args.sizes is None else parse_weights(args.sizes, "--sizes")
     start = time.perf_counter()

@@ -43,13 +43,15 @@ def run(args: argparse.Namespace) -> int:
 
 def _verdict(prompt: str, image) -> str:
     """What the shapes analyzer sees in the picture, and whether that is what the prompt asked for."""
+    from sana.errors import UserError
     from sana.shapes.analyzer import analyze, check
     from sana.shapes.world import parse_prompt
 
     analysis = analyze(image)
     seen = ", ".join(f"{o.colour} {o.shape}" for o in analysis.objects) or "no object"
     try:
-        ok = check(parse_prompt(prompt), analysis)["correct"]
-    except ValueError:  # not a prompt of the shapes grammar: report what is there, judge nothing
+        spec = parse_prompt(prompt)
+    except UserError:  # not a prompt of the shapes grammar: report what is there, judge nothing
         return f"analyzer: sees {seen}"
+    ok = check(spec, analysis)["correct"]
     return f"analyzer: sees {seen} -> {'matches' if ok else 'does NOT match'} the prompt"

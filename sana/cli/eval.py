@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from sana.errors import UserError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -44,16 +46,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.n_per_category < 1 or args.batch_size < 1:
-        raise ValueError("--n-per-category and --batch-size must be >= 1")
+        raise UserError("--n-per-category and --batch-size must be >= 1")
     if args.save_images and not args.out:
-        raise ValueError("--save-images needs --out")
+        raise UserError("--save-images needs --out")
     from sana.shapes.world import CATEGORIES
 
     given = args.categories if args.categories is not None else ",".join(CATEGORIES)
     categories = [c.strip() for c in given.split(",") if c.strip()]
     unknown = [c for c in categories if c not in CATEGORIES]
     if not categories or unknown or len(set(categories)) != len(categories):
-        raise ValueError(
+        raise UserError(
             f"--categories takes distinct names among {', '.join(CATEGORIES)}; got {args.categories!r}"
         )
     from sana.pipeline import SanaPipeline

@@ -8,6 +8,8 @@ import random
 import re
 from pathlib import Path
 
+from sana.errors import UserError, read_user_file
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -44,10 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompts)
     if args.prompts_file:
-        lines = Path(args.prompts_file).read_text().splitlines()
+        lines = read_user_file(args.prompts_file, "--prompts-file").splitlines()
         prompts += [line for line in lines if line.strip()]
     if not prompts:
-        raise ValueError("no prompt given (pass PROMPT arguments or --prompts-file)")
+        raise UserError("no prompt given (pass PROMPT arguments or --prompts-file)")
     return prompts
 
 
@@ -59,7 +61,7 @@ def output_paths(output: str, prompts: list[str], per_prompt: int, seeds: list[i
         paths, folder = [out], out.parent
     else:
         if out.suffix.lower() in IMAGE_SUFFIXES:
-            raise ValueError(f"{n} images need a folder for --output, got the file name {out}")
+            raise UserError(f"{n} images need a folder for --output, got the file name {out}")
         folder = out
         paths = []
         for i in range(n):
@@ -67,7 +69,7 @@ def output_paths(output: str, prompts: list[str], per_prompt: int, seeds: list[i
             paths.append(out / f"{i:03d}-{slug}-{seeds[i]}.png")
     existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
     if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ValueError(f"cannot write to {folder}")
+        raise UserError(f"cannot write to {folder}")
     return paths
 
 
@@ -78,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
     seeds = [first + i for i in range(n)]
     paths = output_paths(args.output, prompts, args.images_per_prompt, seeds)
 
+    from sana.generation import check_settings
     from sana.images import save_image
-    from sana.pipeline import SanaPipeline, check_settings
+    from sana.pipeline import SanaPipeline
     from sana.pretrained import choose_instruction, default_model
 
     instruction = choose_instruction(args.no_chi, args.chi_file)
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         instruction=instruction,
-        offload_text_encoder=args.low_memory,
+        offload=("text_encoder",) if args.low_memory else (),
     )
     if args.lora:
         pipe.load_lora(args.lora, args.lora_scale)

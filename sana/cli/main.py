@@ -1,14 +1,20 @@
 """`sana` entry point: a table of subcommands, each a thin module that parses and calls the library.
 
 Command modules import nothing heavy at module level, so `sana --help` is instant; torch and the models
-load when a command runs. Expected failures (bad input, bad files) print one line and exit with status 2.
+load when a command runs. The user's mistakes (`sana.errors.UserError`: bad settings, files, configs) print
+one line, `sana COMMAND: error: MESSAGE`, and exit with status 2; `sana --debug COMMAND ...` or SANA_DEBUG=1
+shows their traceback instead. Every other exception is a bug or an environment failure: it propagates with
+its traceback (exit status 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from sana.errors import UserError, one_line
 
 COMMANDS = {
     "generate": ("sana.cli.generate", "generate images from text prompts"),
@@ -24,6 +30,11 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sana", description="Sana text-to-image: run, convert, train, serve.")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of user errors too (bad settings, files, configs); also SANA_DEBUG=1",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         cmd = sub.add_parser(
@@ -43,14 +54,18 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from sana.config import ConfigError
-    from sana.weights import CheckpointError
-
     try:
         return importlib.import_module(args.module).run(args) or 0
-    except (ValueError, ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        print(f"sana {args.command}: error: {e}", file=sys.stderr)
+    except UserError as e:
+        if args.debug or debug_from_env():
+            raise
+        print(f"sana {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def debug_from_env() -> bool:
+    """SANA_DEBUG set to anything but "", "0", "false", "no" or "off"."""
+    return os.environ.get("SANA_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 resumable rank-sharded loader, and the latent cache. Importing this package loads no model."""
 
 from sana.data.buckets import BadImage, bucket_table
-from sana.data.cache import CacheConfig, build_cache, load_null_text
+from sana.data.cache import CacheConfig, build_cache
+from sana.data.cached import load_null_text
 from sana.data.captions import Caption, ClipScorer, caption_probabilities, score_manifest, select_caption
 from sana.data.loader import DataConfig, Loader, LoaderStats, build_loader
 from sana.data.sources import RawSample, detect_kind, read_samples

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from sana.aspect_ratios import ASPECT_RATIO_1024, TABLES_BY_RESOLUTION, nearest_bucket
+from sana.errors import UserError
 
 _ORIENTATION = 0x0112  # EXIF tag; values 5-8 mean the stored image is rotated by 90 or 270 degrees
 
@@ -42,7 +43,7 @@ def bucket_table(resolution: int) -> dict[float, tuple[int, int]]:
 def scaled_table(resolution: int) -> dict[float, tuple[int, int]]:
     """The 1024 table scaled to `resolution` (for 512 this reproduces the published table exactly)."""
     if resolution < 32 or resolution % 32:
-        raise ValueError(f"resolution must be a positive multiple of 32, got {resolution}")
+        raise UserError(f"resolution must be a positive multiple of 32, got {resolution}")
     scale = resolution / 1024
 
     def side(x: int) -> int:
@@ -57,7 +58,7 @@ def target_size(
     """The (height, width) an image of this size is trained at: its bucket, or the square when not bucketing."""
     if not buckets:
         if resolution < 32 or resolution % 32:
-            raise ValueError(f"resolution must be a positive multiple of 32, got {resolution}")
+            raise UserError(f"resolution must be a positive multiple of 32, got {resolution}")
         return (resolution, resolution)
     return nearest_bucket(height, width, table if table is not None else bucket_table(resolution))
 

@@ -16,7 +16,7 @@ and the keys it was planned for. A re-run reuses every shard whose settings and 
 rest, so an interrupted run resumes where it stopped and never leaves a half-written shard behind. Images
 that cannot be decoded are left out (counted, logged and listed in index.json). One writer per folder.
 
-Reading (`DataConfig(kind="cache")`) yields batches
+Reading (`DataConfig(kind="cache")`, sana/data/cached.py) yields batches
 `{"latents": (B, C, h, w), "text_hidden": (B, L, C), "text_mask": (B, L) int64, "keys": [...]}`; positions the
 caption does not attend to are zeros in `text_hidden` (the DiT masks them out, so only the mask matters).
 """
@@ -34,17 +34,15 @@ import torch
 
 from sana.config import ConfigError, config_from_dict, config_to_dict
 from sana.data.buckets import BadImage
-from sana.data.captions import Caption
+from sana.data.cached import FORMAT, NULL_TEXT, VERSION
 from sana.data.loader import DataConfig, LoaderStats, RawImages
 from sana.data.sources import CACHE_INDEX
+from sana.errors import UserError, one_line, user_path
 from sana.types import TextEmbeddings
 from sana.weights import atomic_write
 
 logger = logging.getLogger("sana.data")
 
-FORMAT = "sana-cache"
-VERSION = 1
-NULL_TEXT = "null_text.safetensors"
 _SETTINGS_KEY = "sana_cache_settings"
 _PLANNED_KEY = "sana_cache_planned"
 _SAMPLES_KEY = "sana_cache_samples"
@@ -119,9 +117,10 @@ def build_cache(
     from safetensors.torch import save_file
 
     if data.kind == "cache":
-        raise ValueError("build_cache needs a raw data source, not a cache")
+        raise UserError("build_cache needs a raw data source, not a cache (data kind: cache)")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with user_path(out, "cache folder", "create"):
+        out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".shard-*.tmp"):  # left by a killed run (atomic_write cleans up on exceptions)
         stale.unlink()
     stats = LoaderStats()
@@ -137,10 +136,13 @@ def build_cache(
         path = out / shard_name(s)
         entries = None
         if path.is_file():
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
+            try:
+                with safe_open(str(path), "pt") as f:
+                    meta = f.metadata() or {}
+            except Exception as e:  # truncated or not safetensors: not a shard this code finished writing
+                raise UserError(f"{path} is not a readable cache shard ({one_line(e)}); delete it") from e
             if meta.get(_SETTINGS_KEY) != settings_json:
-                raise ValueError(
+                raise UserError(
                     f"{out} holds a cache made with other settings ({path.name}); use another folder or delete it"
                 )
             if meta.get(_PLANNED_KEY) == planned_json:
@@ -162,7 +164,7 @@ def build_cache(
         shards.append({"file": path.name, "samples": entries})
         report.samples += len(entries)
     if report.samples == 0:
-        raise ValueError(f"none of the images in {data.path} could be decoded; nothing to cache")
+        raise UserError(f"none of the images in {data.path} could be decoded; nothing to cache")
     null = text_encoder.encode_unconditional([""])  # (1, L, C), (1, L)
     null_tensors = {"hidden": null.hidden.cpu().contiguous(), "mask": null.mask.long().cpu().contiguous()}
     atomic_write(
@@ -239,115 +241,6 @@ def _encode_shard(
             }
         )
     return tensors, entries, bad
-
-
-# ------------------------------------------------------------------------------------------------ reading
-
-
-def load_null_text(folder: str | Path) -> TextEmbeddings:
-    """The unconditional (empty prompt) embedding stored with a cache: hidden (1, L, C), mask (1, L)."""
-    from safetensors.torch import load_file
-
-    path = Path(folder) / NULL_TEXT
-    if not path.is_file():
-        raise ValueError(f"{folder} has no {NULL_TEXT}; is it a finished `sana cache` folder?")
-    tensors = load_file(str(path))
-    return TextEmbeddings(tensors["hidden"], tensors["mask"])
-
-
-def read_index(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / CACHE_INDEX
-    try:
-        index = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{folder} has no {CACHE_INDEX}: not a cache, or `sana cache` did not finish") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if index.get("format") != FORMAT or index.get("version") != VERSION:
-        raise ValueError(f"{path} is not a version-{VERSION} {FORMAT} index")
-    return index
-
-
-class CachedSamples:
-    """The samples of a cache folder, for the loader: `load` reads one latent and one caption's embedding."""
-
-    _MAX_OPEN = 32  # open shard handles kept per process
-
-    def __init__(self, folder: Path, index: dict[str, Any]) -> None:
-        self.folder = folder
-        self.text_length = int(index["text_length"])
-        self.keys: list[str] = []
-        self.buckets: list[tuple[int, int]] = []
-        self.captions: list[tuple[Caption, ...]] = []
-        self.where: list[tuple[str, int]] = []
-        entries = [(e, shard["file"]) for shard in index["shards"] for e in shard["samples"]]
-        entries.sort(key=lambda pair: pair[0]["key"])  # the raw source's order
-        for entry, file in entries:
-            self.keys.append(entry["key"])
-            self.buckets.append((int(entry["bucket"][0]), int(entry["bucket"][1])))
-            self.captions.append(tuple(Caption(c["text"], c["score"]) for c in entry["captions"]))
-            self.where.append((file, int(entry["slot"])))
-        self.unreadable: dict[str, str] = dict(index.get("unreadable", {}))  # left out when the cache was built
-        self._handles: dict[str, Any] = {}
-
-    @classmethod
-    def open(cls, cfg: DataConfig) -> CachedSamples:
-        if not isinstance(cfg.path, str):
-            raise ValueError("a cache is one folder, not a list of paths")
-        folder = Path(cfg.path)
-        index = read_index(folder)
-        settings = index["settings"]
-        if settings["resolution"] != cfg.resolution or settings["buckets"] != cfg.buckets:
-            raise ValueError(
-                f"{folder} was cached at resolution {settings['resolution']} with buckets={settings['buckets']}; "
-                f"set resolution: {settings['resolution']} and buckets: {str(settings['buckets']).lower()}"
-            )
-        samples = cls(folder, index)
-        if not samples.keys:
-            raise ValueError(f"the cache {folder} holds no samples")
-        return samples
-
-    def __getstate__(self) -> dict[str, Any]:  # shard handles do not cross into worker processes
-        return {**self.__dict__, "_handles": {}}
-
-    def _shard(self, file: str) -> Any:
-        from safetensors import safe_open
-
-        if file not in self._handles:
-            if len(self._handles) >= self._MAX_OPEN:
-                self._handles.pop(next(iter(self._handles)))
-            path = self.folder / file
-            try:
-                self._handles[file] = safe_open(str(path), "pt")
-            except Exception as e:  # missing or corrupt file: the cache itself is broken, not one image
-                raise ValueError(f"cache shard {path} cannot be read ({e}); re-run `sana cache`") from None
-        return self._handles[file]
-
-    def load(self, index: int, caption: int) -> dict[str, Any]:
-        file, slot = self.where[index]
-        shard = self._shard(file)
-        return {
-            "latent": shard.get_tensor(f"{slot}.latent"),  # (C, h, w)
-            "text_hidden": shard.get_slice(f"{slot}.text_hidden")[caption],  # (l, C)
-            "text_mask": shard.get_slice(f"{slot}.text_mask")[caption],  # (l,)
-            "key": self.keys[index],
-        }
-
-    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        b, length = len(items), self.text_length
-        channels = items[0]["text_hidden"].shape[-1]
-        hidden = torch.zeros(b, length, channels, dtype=items[0]["text_hidden"].dtype)  # (B, L, C)
-        mask = torch.zeros(b, length, dtype=torch.int64)  # (B, L)
-        for row, it in enumerate(items):
-            n = it["text_hidden"].shape[0]
-            hidden[row, :n] = it["text_hidden"]
-            mask[row, :n] = it["text_mask"].long()
-        return {
-            "latents": torch.stack([it["latent"] for it in items]),  # (B, C, h, w)
-            "text_hidden": hidden,
-            "text_mask": mask,
-            "keys": [it["key"] for it in items],
-        }
 
 
 def load_encoders(cfg: CacheConfig) -> tuple[Any, Any]:

@@ -27,56 +27,22 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from sana.data.caption_format import Caption
+from sana.data.caption_format import parse_captions as parse_captions  # still importable from here
+from sana.errors import MissingFileError, UserError, one_line, user_path
+
 logger = logging.getLogger("sana.data")
 
 # Distinguishes caption draws from the shuffle stream that shares the same (seed, epoch).
 _CAPTION_STREAM = 1
-
-
-@dataclass(frozen=True)
-class Caption:
-    text: str
-    score: float | None = None  # CLIP cosine similarity with the image; None = not scored
-
-
-def parse_captions(value: Any, source: str) -> tuple[Caption, ...]:
-    """Captions from a JSON value: "text", ["a", "b"], or [{"text": "a", "score": 0.3}, ...].
-
-    Raises ValueError naming `source` for anything else, an empty caption, or scores on only some captions.
-    """
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not items:
-        raise ValueError(f"{source}: no caption (expected a string or a non-empty list of captions)")
-    out = []
-    for item in items:
-        if isinstance(item, str):
-            out.append(Caption(item.strip()))
-        elif isinstance(item, dict) and isinstance(item.get("text"), str):
-            score = item.get("score")
-            if score is not None and (not isinstance(score, int | float) or not math.isfinite(score)):
-                raise ValueError(f"{source}: caption score must be a finite number, got {score!r}")
-            out.append(Caption(item["text"].strip(), None if score is None else float(score)))
-        else:
-            raise ValueError(f"{source}: a caption must be a string or an object with a 'text' string")
-    if any(not c.text.strip() for c in out):
-        raise ValueError(f"{source}: empty caption")
-    scored = sum(c.score is not None for c in out)
-    if 0 < scored < len(out):
-        raise ValueError(
-            f"{source}: {scored} of {len(out)} captions have a score; score all of them (sana captions score) "
-            "or none"
-        )
-    return tuple(out)
 
 
 def caption_probabilities(
@@ -87,7 +53,7 @@ def caption_probabilities(
     if n == 0:
         raise ValueError("no captions to choose from")
     if temperature <= 0:
-        raise ValueError(f"caption temperature must be > 0, got {temperature}")
+        raise UserError(f"caption temperature must be > 0, got {temperature}")
     if captions[0].score is None:
         return np.full(n, 1.0 / n)
     scores = np.array([c.score for c in captions], dtype=np.float64)
@@ -208,19 +174,22 @@ def open_clip_scorer(
     try:
         import open_clip
     except ImportError as e:
-        raise ValueError(
+        raise UserError(
             f"CLIP scoring needs open_clip: pip install open_clip_torch (and a torchvision matching torch) ({e})"
         ) from None
     if model_config is not None:
         if not Path(model_config).is_file():
-            raise ValueError(f"no such open_clip model config: {model_config}")
-        open_clip.add_model_config(model_config)
+            raise MissingFileError(f"no such open_clip model config: {model_config}")
+        try:
+            open_clip.add_model_config(model_config)
+        except (OSError, ValueError) as e:  # unreadable, or not an architecture JSON
+            raise UserError(f"cannot read the open_clip model config {model_config}: {one_line(e)}") from e
     try:
         clip = open_clip.create_model(model, pretrained=pretrained, device=device).eval()
         tokenizer = open_clip.get_tokenizer(model)
     except (RuntimeError, OSError) as e:  # unknown name, missing file, failed download
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"open_clip cannot build {model!r} with pretrained={pretrained!r}: {first}") from None
+        raise UserError(f"open_clip cannot build {model!r} with pretrained={pretrained!r}: {first}") from None
     cfg = open_clip.get_model_preprocess_cfg(clip)
 
     def encode_texts(texts: list[str]) -> torch.Tensor:
@@ -264,7 +233,7 @@ def score_manifest(
         for row in chunk:
             try:
                 images.append(open_rgb(row.image.read_bytes()))
-            except BadImage as e:
+            except (BadImage, OSError) as e:  # OSError: missing or unreadable file
                 report.unreadable += 1
                 logger.warning("skipping unreadable image %s: %s", row.image.name, e)
                 continue
@@ -279,5 +248,6 @@ def score_manifest(
             ]
             report.scored += 1
     text = "".join(json.dumps(row.record, ensure_ascii=False) + "\n" for row in rows)
-    atomic_write(Path(out), lambda p: p.write_text(text, encoding="utf-8"))
+    with user_path(out, "output manifest", "write"):
+        atomic_write(Path(out), lambda p: p.write_text(text, encoding="utf-8"))
     return report

@@ -36,8 +36,10 @@ import torch
 
 from sana.config import ConfigError
 from sana.data.buckets import BadImage, bucket_table, load_image, read_size, target_size
+from sana.data.cached import CachedSamples
 from sana.data.captions import Caption, select_caption, selection_rng
 from sana.data.sources import KINDS, RawSample, detect_kind, read_samples
+from sana.errors import UserError
 
 logger = logging.getLogger("sana.data")
 
@@ -145,7 +147,7 @@ class RawImages:
             good.append(sample)
             targets.append(target_size(*size, cfg.resolution, cfg.buckets, table))
         if not good:
-            raise ValueError(f"none of the {len(samples)} images in {cfg.path} can be read")
+            raise UserError(f"none of the {len(samples)} images in {cfg.path} can be read")
         return cls(good, targets)
 
     def load(self, index: int, caption: int) -> dict[str, Any]:
@@ -330,7 +332,7 @@ class Loader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where `state` left off. ValueError if it came from a different data order."""
+        """Continue exactly where `state` left off. UserError if it came from a different data order."""
         mismatch = [
             f"{name} {state.get(name)!r} != {mine!r}"
             for name, mine in (("seed", self.seed), ("global_batch", self._maker.global_batch))
@@ -339,7 +341,7 @@ class Loader:
         if state.get("samples") != self._fingerprint:
             mismatch.append("the samples or their buckets changed")
         if mismatch:
-            raise ValueError(f"cannot resume the data loader exactly: {'; '.join(mismatch)}")
+            raise UserError(f"cannot resume the data loader exactly: {'; '.join(mismatch)}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -372,14 +374,12 @@ def build_loader(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int =
     """The batch iterator of `cfg` for one rank (see the module docstring). Fails early, with one line, on
     missing captions, an empty dataset or a batch the data cannot fill."""
     if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise UserError(f"seed must be a non-negative integer, got {seed!r}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a world of size {world_size}")
     kind = detect_kind(cfg.path) if cfg.kind == "auto" else cfg.kind
     stats = LoaderStats()
     if kind == "cache":
-        from sana.data.cache import CachedSamples
-
         cached = CachedSamples.open(cfg)
         stats.unreadable.update(cached.unreadable)  # left out (and logged) by `sana cache`
         source: SampleSource = cached
@@ -394,13 +394,13 @@ def _check_batch_fits(source: SampleSource, cfg: DataConfig, global_batch: int, 
     n = len(source.keys)
     what = f"batch_size {cfg.batch_size}" + (f" x world_size {world_size}" if world_size > 1 else "")
     if global_batch > n:
-        raise ValueError(
+        raise UserError(
             f"batch larger than the dataset: {what} = {global_batch} but {cfg.path} has {n} usable images"
         )
     sizes = {b: len(g) for b, g in group_by_bucket(source.buckets).items()}
     if batches_in(list(sizes.values()), global_batch, cfg.drop_last) == 0:
         (h, w), largest = max(sizes.items(), key=lambda kv: kv[1])
-        raise ValueError(
+        raise UserError(
             f"no aspect-ratio bucket holds a full batch: {what} = {global_batch} but the largest bucket ({h}x{w}) "
             f"has {largest} images; lower batch_size, or set drop_last: false or buckets: false"
         )

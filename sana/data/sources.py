@@ -15,7 +15,7 @@ by key, so the same images with the same captions give the same samples whicheve
   one image member and a `.json` (as above) or `.txt` caption member. Images are read in place by offset, so
   shards are never unpacked.
 
-A sample without any caption is an error naming its file (a one-line ValueError) rather than a silent drop.
+A sample without any caption is an error naming its file (a one-line UserError) rather than a silent drop.
 Unreadable images are not detected here; see `buckets.read_size` and the loader.
 """
 
@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sana.data.captions import Caption, parse_captions
+from sana.data.caption_format import Caption, parse_captions
+from sana.errors import UserError, read_user_file, user_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 KINDS = ("auto", "folder", "jsonl", "webdataset", "cache")
@@ -102,20 +103,20 @@ def detect_kind(path: str | Sequence[str]) -> str:
             return "jsonl"
         if p.suffix == ".tar":
             return "webdataset"
-        raise ValueError(f"cannot tell what kind of data {path} is: expected a folder, .jsonl or .tar")
-    raise ValueError(f"no such data path: {path}")
+        raise UserError(f"cannot tell what kind of data {path} is: expected a folder, .jsonl or .tar")
+    raise UserError(f"no such data path: {path}")
 
 
 def read_samples(path: str | Sequence[str], kind: str = "auto") -> list[RawSample]:
-    """All samples of a raw source, sorted by key. ValueError for missing captions, duplicates or no images."""
+    """All samples of a raw source, sorted by key. UserError for missing captions, duplicates or no images."""
     if kind not in KINDS or kind == "cache":
         raise ValueError(f"read_samples reads raw sources; kind must be one of {KINDS[:4]}, got {kind!r}")
     if kind == "auto":
         kind = detect_kind(path)
         if kind == "cache":
-            raise ValueError(f"{path} is a latent cache, not a raw source")
+            raise UserError(f"{path} is a latent cache, not a raw source")
     if kind != "webdataset" and not isinstance(path, str):
-        raise ValueError(f"a list of paths is only for webdataset shards, got kind {kind!r}")
+        raise UserError(f"a list of paths is only for webdataset shards, got kind {kind!r}")
     if kind == "folder":
         samples = read_folder(path)
     elif kind == "jsonl":
@@ -123,11 +124,11 @@ def read_samples(path: str | Sequence[str], kind: str = "auto") -> list[RawSampl
     else:
         samples = read_webdataset(path)
     if not samples:
-        raise ValueError(f"no images found in {path if isinstance(path, str) else list(path)}")
+        raise UserError(f"no images found in {path if isinstance(path, str) else list(path)}")
     samples.sort(key=lambda s: s.key)
     for a, b in zip(samples, samples[1:], strict=False):
         if a.key == b.key:
-            raise ValueError(f"two images share the key {a.key!r}: {a.image.name} and {b.image.name}")
+            raise UserError(f"two images share the key {a.key!r}: {a.image.name} and {b.image.name}")
     return samples
 
 
@@ -137,18 +138,18 @@ def read_samples(path: str | Sequence[str], kind: str = "auto") -> list[RawSampl
 def read_folder(root: str | Path) -> list[RawSample]:
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"no such image folder: {root}")
+        raise UserError(f"no such image folder: {root}")
     out = []
     for path in sorted(root.rglob("*")):
         if path.suffix.lower() not in IMAGE_EXTENSIONS or path.name.startswith(".") or not path.is_file():
             continue
         sidecar_json, sidecar_txt = path.with_suffix(".json"), path.with_suffix(".txt")
         if sidecar_json.is_file():
-            captions = _captions_from_json_text(sidecar_json.read_text(encoding="utf-8"), str(sidecar_json))
+            captions = _captions_from_json_text(read_user_file(sidecar_json, "caption file"), str(sidecar_json))
         elif sidecar_txt.is_file():
-            captions = _captions_from_txt(sidecar_txt.read_text(encoding="utf-8"), str(sidecar_txt))
+            captions = _captions_from_txt(read_user_file(sidecar_txt, "caption file"), str(sidecar_txt))
         else:
-            raise ValueError(f"{path} has no caption: add {sidecar_txt.name} (or {sidecar_json.name}) beside it")
+            raise UserError(f"{path} has no caption: add {sidecar_txt.name} (or {sidecar_json.name}) beside it")
         key = path.relative_to(root).with_suffix("").as_posix()
         out.append(RawSample(key, ImageRef(path), captions))
     return out
@@ -158,33 +159,34 @@ def read_folder(root: str | Path) -> list[RawSample]:
 
 
 def read_manifest_lines(manifest: str | Path) -> list[ManifestRow]:
-    """Every non-blank line of a JSONL manifest, parsed and validated (ValueError naming file:line)."""
+    """Every non-blank line of a JSONL manifest, parsed and validated (UserError naming file:line)."""
     manifest = Path(manifest)
     if not manifest.is_file():
-        raise ValueError(f"no such manifest: {manifest}")
+        raise UserError(f"no such manifest: {manifest}")
     base = manifest.parent
     rows = []
-    with open(manifest, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{manifest}:{lineno}"
+    # Lines end at "\n" only (universal newlines made "\r\n" one), as when iterating the file: a JSON string
+    # may hold U+2028 and the like, where str.splitlines would cut.
+    for lineno, line in enumerate(read_user_file(manifest, "manifest").split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{manifest}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+            raise UserError(f'{where}: each line must be an object with an "image" path')
+        image = Path(record["image"])
+        path = image if image.is_absolute() else base / image
+        captions = _captions_from_record(record, f"{where} ({record['image']})")
+        key = record.get("key")
+        if key is None:
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("image"), str):
-                raise ValueError(f'{where}: each line must be an object with an "image" path')
-            image = Path(record["image"])
-            path = image if image.is_absolute() else base / image
-            captions = _captions_from_record(record, f"{where} ({record['image']})")
-            key = record.get("key")
-            if key is None:
-                try:
-                    key = path.relative_to(base).with_suffix("").as_posix()
-                except ValueError:  # an absolute path outside the manifest's folder
-                    key = path.with_suffix("").as_posix()
-            rows.append(ManifestRow(record, ImageRef(path), captions, str(key)))
+                key = path.relative_to(base).with_suffix("").as_posix()
+            except ValueError:  # an absolute path outside the manifest's folder
+                key = path.with_suffix("").as_posix()
+        rows.append(ManifestRow(record, ImageRef(path), captions, str(key)))
     return rows
 
 
@@ -212,7 +214,7 @@ def expand_shards(path: str | Sequence[str]) -> list[Path]:
             else:
                 found = [p] if p.is_file() else []
             if not found:
-                raise ValueError(f"no tar shards match {expanded}")
+                raise UserError(f"no tar shards match {expanded}")
             out.extend(found)
     return out
 
@@ -242,9 +244,10 @@ def read_webdataset(path: str | Sequence[str]) -> list[RawSample]:
 
 def _open_tar(shard: Path) -> tarfile.TarFile:
     try:
-        return tarfile.open(shard, mode="r:")  # "r:" = uncompressed only: members must be addressable by offset
+        with user_path(shard, "tar shard"):  # "r:" = uncompressed only: members must be addressable by offset
+            return tarfile.open(shard, mode="r:")
     except tarfile.ReadError as e:
-        raise ValueError(f"{shard} is not an uncompressed tar shard ({e})") from None
+        raise UserError(f"{shard} is not an uncompressed tar shard ({e})") from None
 
 
 def _read_shard(shard: Path) -> list[RawSample]:
@@ -270,7 +273,7 @@ def _read_shard(shard: Path) -> list[RawSample]:
             elif ".txt" in members:
                 captions = _captions_from_txt(_member_text(tar, members[".txt"]), f"{shard}:{key}.txt")
             else:
-                raise ValueError(f"{where} has no caption: add {key}.txt (or {key}.json) to the shard")
+                raise UserError(f"{where} has no caption: add {key}.txt (or {key}.json) to the shard")
             ref = ImageRef(shard, offset=image.offset_data, length=image.size, member=image.name)
             samples.append(RawSample(key, ref, captions))
     return samples
@@ -279,7 +282,10 @@ def _read_shard(shard: Path) -> list[RawSample]:
 def _member_text(tar: tarfile.TarFile, info: tarfile.TarInfo) -> str:
     f = tar.extractfile(info)
     assert f is not None  # regular file members always have data
-    return f.read().decode("utf-8")
+    try:
+        return f.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{tar.name}:{info.name} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 # ------------------------------------------------------------------------------------------------ captions
@@ -287,7 +293,7 @@ def _member_text(tar: tarfile.TarFile, info: tarfile.TarInfo) -> str:
 
 def _captions_from_txt(text: str, source: str) -> tuple[Caption, ...]:
     if not text.strip():
-        raise ValueError(f"{source}: empty caption file")
+        raise UserError(f"{source}: empty caption file")
     return (Caption(text.strip()),)
 
 
@@ -295,9 +301,9 @@ def _captions_from_json_text(text: str, source: str) -> tuple[Caption, ...]:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{source}: not valid JSON ({e.msg})") from None
+        raise UserError(f"{source}: not valid JSON ({e.msg})") from None
     if not isinstance(record, dict):
-        raise ValueError(f'{source}: expected an object with "captions" or "text"')
+        raise UserError(f'{source}: expected an object with "captions" or "text"')
     return _captions_from_record(record, source)
 
 
@@ -306,4 +312,4 @@ def _captions_from_record(record: dict[str, Any], source: str) -> tuple[Caption,
         return parse_captions(record["captions"], source)
     if "text" in record:
         return parse_captions(record["text"], source)
-    raise ValueError(f'{source}: no caption ("captions" list or "text" string)')
+    raise UserError(f'{source}: no caption ("captions" list or "text" string)')

@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sana.errors import UserError
 from sana.models.attention import LINEAR_ATTENTION_EPS
-from sana.models.dcae import (
+from sana.models.dcae_blocks import (
     ChannelRMSNorm,
-    Decoder,
     EfficientViTBlock,
     GLUMBConv,
     MultiscaleLinearAttention,
@@ -59,7 +59,7 @@ DEFAULT_TILE = 24
 
 def check_tile(tile: int) -> None:
     if not isinstance(tile, int) or isinstance(tile, bool) or tile <= 0:
-        raise ValueError(f"tiled decode: tile must be a positive int (latent pixels), got {tile!r}")
+        raise UserError(f"tiled decode: tile must be a positive int (latent pixels), got {tile!r}")
 
 
 def tile_bounds(size: int, core: int) -> list[tuple[int, int]]:
@@ -210,8 +210,9 @@ class _Step:
     scale: int = 1
 
 
-def _decoder_steps(decoder: Decoder) -> list[_Step]:
-    """The decoder's forward as a flat list of steps, in execution order (mirrors `Decoder.forward`)."""
+def _decoder_steps(decoder: nn.Module) -> list[_Step]:
+    """The decoder's forward as a flat list of steps, in execution order (mirrors `sana.models.dcae.Decoder`'s
+    forward; this module works on the blocks of dcae_blocks.py and does not import dcae.py, which uses it)."""
 
     def stem(z: torch.Tensor) -> torch.Tensor:
         h = decoder.conv_in(z)
@@ -246,10 +247,11 @@ def _fuse(steps: list[_Step]) -> tuple[Callable[[torch.Tensor], torch.Tensor], i
 
 
 @torch.no_grad()
-def tiled_decode(decoder: Decoder, z: torch.Tensor, *, tile: int = DEFAULT_TILE) -> torch.Tensor:
-    """decoder(z) for a (B, C_lat, h, w) latent (already divided by the scaling factor), computed in tiles of
-    about tile x tile latents (tile * f pixels on the output side). Same result as decoder(z) up to float
-    summation order; a latent no larger than one tile is decoded in one call, exactly. Inference only."""
+def tiled_decode(decoder: nn.Module, z: torch.Tensor, *, tile: int = DEFAULT_TILE) -> torch.Tensor:
+    """decoder(z) for a `sana.models.dcae.Decoder` and a (B, C_lat, h, w) latent (already divided by the scaling
+    factor), computed in tiles of about tile x tile latents (tile * f pixels on the output side). Same result as
+    decoder(z) up to float summation order; a latent no larger than one tile is decoded in one call, exactly.
+    Inference only."""
     check_tile(tile)
     if z.ndim != 4:
         raise ValueError(f"tiled decode expects a (B, C, h, w) latent, got shape {tuple(z.shape)}")

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from sana.config import ConfigError
 from sana.models.attention import relu_linear_attention
 from sana.models.layers import RMSNorm, TimestepEmbedder
-from sana.types import AttentionPerturbation, Conditioning, TextEmbeddings
+from sana.types import Conditioning, TextEmbeddings
 
 # Additive bias for masked text tokens. Not -inf: a row with every token masked must stay finite, and the
 # published models were run with exactly this value (exp(-1e4) underflows to 0 in fp32 anyway).
@@ -417,7 +417,8 @@ class SanaDiT(nn.Module):
             raise ValueError("this model embeds the guidance scale: the conditioning needs `guidance`")
         if len(cond.residuals) >= cfg.num_layers:
             raise ValueError(
-                f"{len(cond.residuals)} residuals for a {cfg.num_layers}-block model (at most {cfg.num_layers - 1})"
+                f"{len(cond.residuals)} residuals for a {cfg.num_layers}-block model "
+                f"(at most {cfg.num_layers - 1})"
             )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sana.config import read_json
+from sana.errors import one_line
 from sana.weights import CheckpointError, atomic_write
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (N, head_dim) each
@@ -60,10 +62,14 @@ class Gemma2Config:
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the whole file, for saving
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Gemma2Config:
+    def from_dict(cls, data: dict[str, Any], source: str = "Gemma-2 config") -> Gemma2Config:
         if data.get("model_type") != "gemma2":
-            raise CheckpointError(f"not a Gemma-2 config (model_type {data.get('model_type')!r})")
+            raise CheckpointError(f"{source}: not a Gemma-2 config (model_type {data.get('model_type')!r})")
         known = {f.name for f in fields(cls)} - {"raw", "rope_theta", "layer_types"}
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in data and k != "head_dim"]
+        if missing:
+            raise CheckpointError(f"{source}: no {', '.join(missing)}")
         values = {k: data[k] for k in known if k in data}
         rope = data.get("rope_parameters") or {}  # transformers 5 nests it; older files have rope_theta
         values["rope_theta"] = float(rope.get("rope_theta", data.get("rope_theta", 10000.0)))
@@ -73,7 +79,7 @@ class Gemma2Config:
         values["layer_types"] = tuple(data.get("layer_types") or default)
         values.setdefault("head_dim", data["hidden_size"] // data["num_attention_heads"])
         if values.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
-            raise CheckpointError(f"unsupported Gemma-2 hidden_activation {values['hidden_activation']!r}")
+            raise CheckpointError(f"{source}: unsupported hidden_activation {values['hidden_activation']!r}")
         return cls(**values, raw=dict(data))
 
     # What pipeline code reads from `text_encoder.model.config`, as on a transformers config.
@@ -211,13 +217,18 @@ class Gemma2Encoder(nn.Module):
         from safetensors import safe_open
 
         folder = Path(folder)
-        config = Gemma2Config.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+        config = Gemma2Config.from_dict(read_json(folder / CONFIG_FILE), source=str(folder / CONFIG_FILE))
         with torch.device("meta"):
             model = cls(config)
         expected = set(model.state_dict())
         state: dict[str, torch.Tensor] = {}
         for path in _weight_files(folder):
-            with safe_open(str(path), framework="pt", device="cpu") as f:
+            try:
+                f = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as e:  # missing, truncated or not a safetensors file
+                reason = one_line(e) or type(e).__name__
+                raise CheckpointError(f"cannot read {path} as safetensors: {reason}") from e
+            with f:
                 for key in f.keys():
                     name = key.removeprefix("model.")
                     if name in expected:
@@ -242,8 +253,10 @@ class Gemma2Encoder(nn.Module):
 
 def _weight_files(folder: Path) -> list[Path]:
     if (folder / INDEX_FILE).is_file():  # sharded: the index maps each tensor to its file
-        index = json.loads((folder / INDEX_FILE).read_text())
-        return [folder / name for name in sorted(set(index["weight_map"].values()))]
+        weight_map = read_json(folder / INDEX_FILE).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{folder / INDEX_FILE} has no weight_map object")
+        return [folder / name for name in sorted(set(weight_map.values()))]
     if (folder / WEIGHTS_FILE).is_file():
         return [folder / WEIGHTS_FILE]
     raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} or {INDEX_FILE}")

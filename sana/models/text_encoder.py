@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from sana.config import read_json
+from sana.errors import MissingFileError, UserError, one_line, read_user_file
 from sana.types import TextEmbeddings
 
 # Our own wording. Joined lines end with the marker that the prompt is glued onto; changing the text changes
@@ -44,13 +46,10 @@ DEFAULT_INSTRUCTION: str = "\n".join(
 
 
 def load_instruction(path: str | Path) -> str:
-    """The instruction text stored in `path`, byte for byte (a trailing newline is part of the instruction)."""
-    try:
-        # newline="" keeps "\r\n" as written instead of translating it, so the text is exactly the file's.
-        with open(path, encoding="utf-8", newline="") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read instruction file {path}: {e}") from None
+    """The instruction text stored in `path`, byte for byte (a trailing newline is part of the instruction).
+    A one-line UserError if the file cannot be read."""
+    # newline="" keeps "\r\n" as written instead of translating it, so the text is exactly the file's.
+    return read_user_file(path, "instruction file", newline="")
 
 
 class TextEncoder:
@@ -68,7 +67,7 @@ class TextEncoder:
         max_length: int = 300,
     ) -> None:
         if max_length < 2:
-            raise ValueError(f"max_length must be at least 2 (<bos> plus one token), got {max_length}")
+            raise UserError(f"max_length must be at least 2 (<bos> plus one token), got {max_length}")
         self.model = model
         self.tokenizer = tokenizer
         self.instruction = instruction or None  # "" behaves like None, as an empty instruction list does
@@ -161,7 +160,7 @@ class TextEncoder:
         model_dir, tokenizer_dir = os.path.expanduser(model_dir), os.path.expanduser(tokenizer_dir)
         for what, where in (("text encoder", model_dir), ("tokenizer", tokenizer_dir)):
             if _looks_local(where) and not Path(where).is_dir():
-                raise FileNotFoundError(f"{what} folder not found: {where}")
+                raise MissingFileError(f"{what} folder not found: {where}")
         from sana.models.gemma2 import Gemma2Encoder, is_gemma2_folder
 
         if is_gemma2_folder(model_dir) and (Path(tokenizer_dir) / "tokenizer.json").is_file():
@@ -169,12 +168,16 @@ class TextEncoder:
         else:
             from transformers import AutoModel, AutoTokenizer  # heavy import, only needed here
 
+            # transformers says "missing or corrupt" with an OSError (a ValueError for a config it cannot place),
+            # in several lines; name the folder on one line instead (the original stays chained, for --debug).
+            what, where = "tokenizer", tokenizer_dir
             try:
                 tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+                what, where = "text encoder", model_dir
                 model = AutoModel.from_pretrained(model_dir, dtype=dtype)
-            except OSError as e:
+            except (OSError, ValueError) as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise OSError(f"cannot load text encoder {model_dir} / tokenizer {tokenizer_dir}: {first}") from e
+                raise UserError(f"cannot load the {what} folder {where}: {first}") from e
         return cls(model.to(device).eval(), tokenizer, instruction=instruction, max_length=max_length)
 
 
@@ -191,21 +194,23 @@ class JsonTokenizer:
     transformers_class_name = "GemmaTokenizer"  # what model_index.json names
 
     def __init__(self, folder: str | Path) -> None:
-        import json
-
         from tokenizers import Tokenizer
 
         self.folder = Path(folder)
-        self._tok = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        path = self.folder / "tokenizer.json"
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises plain Exceptions for a missing or malformed file
+            raise UserError(f"cannot read the tokenizer file {path}: {one_line(e) or type(e).__name__}") from e
         self._tok.no_padding()
         self._tok.no_truncation()
         config_path = self.folder / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config = read_json(config_path) if config_path.is_file() else {}
         pad = config.get("pad_token", "<pad>")
         pad = pad.get("content") if isinstance(pad, dict) else pad
-        pad_id = self._tok.token_to_id(pad) if pad is not None else None
+        pad_id = self._tok.token_to_id(pad) if isinstance(pad, str) else None
         if pad_id is None:
-            raise ValueError(f"{self.folder}: pad token {pad!r} is not in the vocabulary")
+            raise UserError(f"{self.folder}: pad token {pad!r} is not in the vocabulary")
         self.pad_token, self.pad_token_id = pad, pad_id
         self.transformers_class_name = config.get("tokenizer_class", self.transformers_class_name)
 

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
+from sana.errors import UserError
 from sana.shapes.world import BACKGROUNDS, COLOURS, RGB, PromptSpec, Thing, axis_holds, relation_holds, size_class
 
 ANALYSIS_SIDE = 256  # images are analysed with their shorter side resized to this
@@ -132,7 +133,7 @@ def analyze(
     pil = pil.convert("RGB")
     width, height = pil.size
     if min(width, height) < 32:
-        raise ValueError(f"image too small to analyze: {width}x{height}")
+        raise UserError(f"image too small to analyze: {width}x{height}")
     # Measured at a fixed size (module docstring, step 1); boxes are scaled back to the input's pixels.
     scale = min(width, height) / ANALYSIS_SIDE
     if scale != 1:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from sana.errors import UserError, user_path
 from sana.shapes.analyzer import analyze, check
 from sana.shapes.world import CATEGORIES, PromptSpec, parse_prompt, render, render_prompt, sample_prompts
 
@@ -82,7 +83,7 @@ def make_prompts(
     out = []
     for category in categories:
         if category not in CATEGORIES:
-            raise ValueError(f"unknown category {category!r}; expected some of {CATEGORIES}")
+            raise UserError(f"unknown category {category!r}; expected some of {CATEGORIES}")
         rng = np.random.default_rng((seed, CATEGORIES.index(category)))
         out += sample_prompts(category, n_per_category, rng, background_prob=background_prob)
     return out
@@ -173,12 +174,13 @@ def evaluate_shapes(
     }
     generate = _as_generate(model, sampling)
     if n_per_category < 1 or batch_size < 1:
-        raise ValueError(f"n_per_category and batch_size must be >= 1, got {n_per_category} and {batch_size}")
+        raise UserError(f"n_per_category and batch_size must be >= 1, got {n_per_category} and {batch_size}")
     specs = make_prompts(n_per_category, seed, categories, background_prob=background_prob)
     seeds = [seed + i for i in range(len(specs))]
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
-        (out / "images" if save_images else out).mkdir(parents=True, exist_ok=True)
+        with user_path(out, "output folder", "create"):
+            (out / "images" if save_images else out).mkdir(parents=True, exist_ok=True)
 
     records, thumbs = [], []
     shown = dict.fromkeys(categories, 0)

@@ -44,6 +44,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sana.errors import UserError, user_path
+
 IMAGE_SIZE = 256
 
 RGB = tuple[int, int, int]
@@ -283,12 +285,12 @@ def size_weights(weights: dict[str, float]) -> dict[str, float]:
 def _normalised(weights: dict[str, float], names: tuple[str, ...], what: str) -> dict[str, float]:
     unknown = sorted(set(weights) - set(names))
     if unknown:
-        raise ValueError(f"unknown {what} name(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+        raise UserError(f"unknown {what} name(s) {', '.join(unknown)}; choose from {', '.join(names)}")
     if (
         not all(isinstance(w, int | float) and 0 <= w < math.inf for w in weights.values())
         or not sum(weights.values()) > 0
     ):
-        raise ValueError(f"{what} weights must be finite, >= 0 and not all 0, got {weights}")
+        raise UserError(f"{what} weights must be finite, >= 0 and not all 0, got {weights}")
     total = sum(weights.values())
     return {k: weights.get(k, 0.0) / total for k in names}
 
@@ -514,7 +516,7 @@ class PromptSpec:
             raise ValueError(f"unknown prompt category {self.category!r}; expected one of {CATEGORIES}")
         things = [self.subject] + ([self.other] if self.other else [])
         if self.background is not None and any(t.colour == self.background for t in things):
-            raise ValueError(f"an object cannot have the background colour ({self.background})")
+            raise UserError(f"an object cannot have the background colour ({self.background})")
 
     @property
     def things(self) -> list[Thing]:
@@ -555,7 +557,7 @@ _PATTERNS = {c: re.compile(_pattern(t) + f"(?:{_pattern(BACKGROUND_SUFFIX)})?") 
 
 
 def parse_prompt(text: str) -> PromptSpec:
-    """The spec of a prompt written in the grammar (any case, surrounding spaces ignored); ValueError if not."""
+    """The spec of a prompt written in the grammar (any case, surrounding spaces ignored); UserError if not."""
     for category, pattern in _PATTERNS.items():
         m = pattern.fullmatch(text.strip().lower())
         if m is None:
@@ -565,7 +567,7 @@ def parse_prompt(text: str) -> PromptSpec:
         other = Thing(g["colour2"], g["shape2"]) if category == "relation" else None
         count = {v: k for k, v in NUMBERS.items()}[g["number"]] if category == "counting" else 1
         return PromptSpec(category, subject, count, g.get("relation"), other, g.get("background"))
-    raise ValueError(f"not a shapes-world prompt: {text!r}")
+    raise UserError(f"not a shapes-world prompt: {text!r}")
 
 
 def all_prompts(category: str) -> list[PromptSpec]:
@@ -585,7 +587,7 @@ def all_prompts(category: str) -> list[PromptSpec]:
             if a != b
             for r in RELATIONS
         ]
-    raise ValueError(f"unknown prompt category {category!r}; expected one of {CATEGORIES}")
+    raise UserError(f"unknown prompt category {category!r}; expected one of {CATEGORIES}")
 
 
 def sample_prompts(
@@ -663,11 +665,12 @@ def write_dataset(
     kinds = kind_weights(kinds)
     sizes = None if sizes is None else size_weights(sizes)
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise UserError(f"n must be >= 1, got {n}")
     if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise UserError(f"seed must be a non-negative integer, got {seed!r}")
     out = Path(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    with user_path(out, "output folder", "create"):
+        (out / "images").mkdir(parents=True, exist_ok=True)
     stats = DatasetStats()
     width = max(6, len(str(n - 1)))
     with (

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sana.errors import UserError
 from sana.training.distributed import DistContext, barrier, broadcast_object
 from sana.training.ema import full_ema_state, load_ema
 
@@ -37,7 +38,7 @@ CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d{6,})$")
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError):
     """A checkpoint that cannot continue this run (missing, or written by a different setup)."""
 
 

@@ -10,9 +10,9 @@
 Every key is checked against the dataclass that owns it, and a typo fails at load time with the dotted key
 named ("unknown key optim.learning_rate (did you mean optim.lr?)"). Values are checked against the field
 types: numbers written like `1e-4`, which YAML 1.1 reads as a *string*, are accepted for float fields.
-The top-level `task:` key (dit, the default; dcae; text_encoder) picks the dataclass: `TrainConfig` below for the
-DiT, `DCAETrainConfig` (sana/training/dcae_task.py) and `TextTrainConfig` (sana/training/text_task.py); all
-share `RunConfig`'s sections. Command-line overrides are dotted assignments applied to the YAML before checking:
+The top-level `task:` key picks the dataclass: the run config of that task's module, as the registry
+(sana/training/tasks.py) names it, a subclass of `RunConfig` below that adds its own sections (`model`, `data`,
+...) to the shared ones here. Command-line overrides are dotted assignments applied to the YAML before checking:
 `sana train run.yaml optim.lr=3e-5 validation.prompts="[a cat, a dog]"`; each value is parsed with
 yaml.safe_load, so numbers, booleans and lists work.
 """
@@ -31,34 +31,9 @@ from typing import Any, Literal
 import yaml
 
 from sana.config import ConfigError
+from sana.training.tasks import DEFAULT_TASK, TASK_NAMES, config_class
 
 # ------------------------------------------------------------------------------------------------ sections
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The transformer to train: `preset` (a DIT_PRESETS name) from scratch, or `pretrained` to fine-tune.
-
-    pretrained: a model folder in the diffusers layout (its `transformer/` is loaded) or a transformer folder
-    itself. components: a model folder whose autoencoder and text encoder encode raw images and captions, draw
-    the validation images and complete the exported model; defaults to `pretrained` when that is a full
-    model folder. overrides: DiTConfig fields replaced in the preset (e.g. caption_channels to match the text
-    encoder) or in the pretrained model's config (e.g. `interpolation_scale: 1.0` switches sincos positions on
-    in a NoPE model: they are computed, not learned, so every weight still fits; a field that would change a
-    weight's shape fails at load).
-    """
-
-    preset: str | None = None
-    pretrained: str | None = None
-    components: str | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
-    dtype: Literal["fp32", "bf16"] = "fp32"  # master weights; bf16 halves memory but AdamW loses precision
-    encoders_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # the frozen autoencoder and text encoder
-    gradient_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
-
-    def __post_init__(self) -> None:
-        if (self.preset is None) == (self.pretrained is None):
-            raise ConfigError("model: set exactly one of model.preset (from scratch) or model.pretrained")
 
 
 @dataclass(frozen=True)
@@ -171,27 +146,6 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
-class ValidationConfig:
-    """Images for fixed prompts and seeds every `every` steps, saved as one grid PNG (0: never)."""
-
-    every: int = 0
-    prompts: tuple[str, ...] = ()
-    seed: int = 0  # prompt i uses seed + i, the same at every validation so the grids are comparable
-    steps: int = 20
-    guidance_scale: float = 4.5
-    sampler: str | None = None  # default: the components folder's scheduler
-    height: int | None = None  # default: the model's native size
-    width: int | None = None
-    use_ema: bool = True
-    model: str | None = None  # folder with the autoencoder + text encoder; default: model.components
-
-    def __post_init__(self) -> None:
-        _check(self.every >= 0, "validation.every must be >= 0")
-        _check(self.every == 0 or bool(self.prompts), "validation.prompts must be set when validation.every > 0")
-        _check(self.steps >= 1, "validation.steps must be >= 1")
-
-
-@dataclass(frozen=True)
 class LoggingConfig:
     every: int = 10  # steps between TensorBoard points and progress-bar refreshes; the CSV gets every step
     tensorboard: bool | None = None  # None: when the `tensorboard` package is installed
@@ -212,13 +166,13 @@ class DistributedConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """The sections every task shares. Each task's config (`TrainConfig` for the DiT, `dcae_task.DCAETrainConfig`,
-    `text_task.TextTrainConfig`) adds its own `model` and `data` sections and whatever else it needs; the
-    top-level `task:` key picks which one a YAML file is read into (see sana/training/task.py)."""
+    """The sections every task shares. Each task's config (its module's `CONFIG`, see sana/training/tasks.py)
+    adds its own `model` and `data` sections and whatever else it needs, and gives `task` its name as default;
+    the top-level `task:` key picks which one a YAML file is read into."""
 
     run_dir: str
     max_steps: int
-    task: str = "dit"
+    task: str  # the registry name (sana/training/tasks.py); each task's config sets it as its default
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -232,25 +186,6 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, "max_steps must be >= 1")
         _check(self.schedule.warmup_steps <= self.max_steps, "schedule.warmup_steps must be <= max_steps")
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig(RunConfig):
-    """task: dit (the default): flow-matching training or fine-tuning of the Sana DiT."""
-
-    task: Literal["dit"] = "dit"
-    model: ModelConfig
-    data: Any = field(default=None, metadata={"parse": "data"})  # sana.data.DataConfig
-    flow: FlowConfig = field(default_factory=FlowConfig)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(
-            not self.lora.enabled or self.model.pretrained is not None,
-            "lora.enabled needs model.pretrained: LoRA adapts a trained model",
-        )
 
 
 def _check(ok: bool, message: str) -> None:
@@ -395,45 +330,55 @@ def _deep_copy(data: Any) -> Any:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    """A run YAML as a dict. A top-level `base: OTHER.yaml` (relative to this file's folder) includes OTHER.yaml,
+    itself read this way (it may have a base too): this file is merged over it, mappings key by key at any depth,
+    any other value (a number, a string, a list) replacing the base's whole. The result has no `base` key."""
+    return _read_yaml(Path(path), ())
+
+
+def _read_yaml(path: Path, including: tuple[Path, ...]) -> dict[str, Any]:
+    """read_yaml of `path`, the base of the last of `including` (the files that include it, outermost first)."""
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
+        if including:
+            raise ConfigError(f"{including[-1]}: no such base file: {path}") from None
         raise ConfigError(f"no such run config: {path}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections")
-    return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be a file name, got {base!r}")
+    chain = (*including, path)
+    base_path = path.parent / base
+    if base_path.resolve() in {p.resolve() for p in chain}:
+        raise ConfigError(f"base: include cycle: {' -> '.join(str(p) for p in (*chain, base_path))}")
+    return _merged(_read_yaml(base_path, chain), data)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` merged over `base` (read_yaml's include): mappings key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
 
 
 def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a run YAML, apply dotted overrides, check everything: the one way a TrainConfig is made from text."""
+    """Read a run YAML, apply dotted overrides, check everything: the one way a run config is made from text."""
     return train_config_from_dict(apply_overrides(read_yaml(path), overrides))
 
 
-def config_class(task: str) -> type[RunConfig]:
-    """The run-config dataclass of `task` (imported on demand: only the asked-for task's module loads)."""
-    if task == "dit":
-        return TrainConfig
-    if task == "dcae":
-        from sana.training.dcae_task import DCAETrainConfig
-
-        return DCAETrainConfig
-    from sana.training.text_task import TextTrainConfig
-
-    return TextTrainConfig
-
-
-TASK_NAMES = ("dit", "dcae", "text_encoder")
-
-
 def train_config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """The run config of the task named by the top-level `task:` key ("dit" when absent)."""
-    task = data.get("task", "dit") if isinstance(data, Mapping) else "dit"
-    if task not in TASK_NAMES:
-        raise ConfigError(f"task must be one of {', '.join(map(repr, TASK_NAMES))}, got {task!r}")
-    cls = config_class(task)
+    """The run config of the task named by the top-level `task:` key (the registry's DEFAULT_TASK when absent);
+    the registry (sana/training/tasks.py) gives its dataclass, importing only that task's module."""
+    task = data.get("task", DEFAULT_TASK) if isinstance(data, Mapping) else DEFAULT_TASK
+    cls = config_class(task)  # a one-line ConfigError naming the registry's tasks for an unknown one
     own = {f.name for f in dataclasses.fields(cls)}
     for key in (k for k in data if k not in own):  # a section of another task: say so, not "did you mean"
         owners = [t for t in TASK_NAMES if key in {f.name for f in dataclasses.fields(config_class(t))}]

@@ -64,6 +64,7 @@ from sana.training.config import RunConfig, _check
 from sana.training.task import (
     DataSource,
     LossOutput,
+    Run,
     Task,
     open_data,
     publish_folder,
@@ -396,7 +397,7 @@ class DCAETask(Task):
         terms = [loss.reconstruction] + [n for n in ("perceptual", "adversarial") if getattr(loss, n).enabled]
         return f"{where}, loss {' + '.join(terms)}"
 
-    def start(self, run: Any) -> None:
+    def start(self, run: Run) -> None:
         p = self.cfg.loss.perceptual
         if p.enabled:
             self.perceptual = build_perceptual(p).to(self.ctx.device)
@@ -428,7 +429,7 @@ class DCAETask(Task):
             metrics["adversarial"] = generator.detach()
         return objective, metrics
 
-    def export(self, run: Any) -> dict[str, Path | None]:
+    def export(self, run: Run) -> dict[str, Path | None]:
         weights = trained_weights(run.core, run.ema, self.cfg.checkpoint.export_ema)
         if not self.ctx.is_main:
             return {"final_model": None}
@@ -482,3 +483,7 @@ def latent_statistics(vae: DCAE, batches: Any, samples: int) -> tuple[float, flo
     if not std > 0:
         raise ValueError("the raw latents have zero variance: cannot set a scaling factor")
     return std, mean
+
+
+CONFIG = DCAETrainConfig  # the registry's names for this module's pieces (sana/training/tasks.py)
+TASK = DCAETask

@@ -1,47 +1,37 @@
 """What a training task adds to the shared loop: the model, the loss of a micro-batch, and the export.
 
-`sana train` trains three kinds of model with one loop (loop.py: checkpoints, exact resume, EMA, the LR
+`sana train` trains several kinds of model with one loop (loop.py: checkpoints, exact resume, EMA, the LR
 schedule, accumulation, mixed precision, DDP, logging, the non-finite-loss stop), selected by the run
-config's top-level `task:` key:
-
-    dit            the Sana DiT, flow matching on latents + caption embeddings   (loop.DiTTask)
-    dcae           a DC-AE autoencoder, reconstruction (+ optional perceptual and adversarial terms)   (dcae_task)
-    text_encoder   a small Gemma-2 decoder as a causal language model on captions, and its tokenizer (text_task)
+config's top-level `task:` key; the registry (tasks.py) names every task and the module that implements it.
 
 A task is an object with the methods of `Task` below, built by `make_task(cfg, ctx)`. The loop calls them in
 this order: build_data -> build_model -> (wrap, optimizer, EMA, resume) -> start -> per step
 {micro_batch x grad_accum_steps -> loss (inside train_step) -> after_step} -> export. Everything the loop
 checkpoints is the module `build_model` returns (so a task whose training needs a second network, like the
 autoencoder's discriminator, returns one module holding both); state that is not trained and not random
-(the frozen encoders, a perceptual network, a tokenizer) lives in the task.
+(the frozen encoders, a perceptual network, a tokenizer) lives in the task. `start`, `after_step` and
+`export` receive the `Run` below: everything the loop has built.
 """
 
 from __future__ import annotations
 
-import importlib
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from sana.training.config import RunConfig
 from sana.training.distributed import DistContext, full_tensor
 from sana.training.ema import full_ema_state
-
-if TYPE_CHECKING:
-    from sana.training.loop import Run
+from sana.training.logging import MetricsLogger
+from sana.training.tasks import task_class
 
 DataSource = Callable[..., Iterable[dict[str, Any]]]
 LossOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
-
-# task name -> "module:class"; an exact-name registry, imported only for the task a run asks for.
-TASKS: dict[str, str] = {
-    "dit": "sana.training.loop:DiTTask",
-    "dcae": "sana.training.dcae_task:DCAETask",
-    "text_encoder": "sana.training.text_task:TextTask",
-}
 
 
 class Task:
@@ -91,9 +81,50 @@ class Task:
         raise NotImplementedError
 
 
-def make_task(cfg: Any, ctx: DistContext, resume: Path | None = None) -> Task:
-    module, _, name = TASKS[cfg.task].partition(":")
-    return getattr(importlib.import_module(module), name)(cfg, ctx, resume)
+def make_task(cfg: RunConfig, ctx: DistContext, resume: Path | None = None) -> Task:
+    """The task of `cfg.task`, from the registry (tasks.py): only that task's module is imported."""
+    return task_class(cfg.task)(cfg, ctx, resume)
+
+
+# --------------------------------------------------------------------------------------------------- run
+
+
+class BatchStream:
+    """next() over the loader, starting a new pass when one ends; an empty pass is an error."""
+
+    def __init__(self, loader: Iterable[dict[str, Any]]) -> None:
+        self.loader = loader
+        self._it: Iterator[dict[str, Any]] | None = None
+
+    def __next__(self) -> dict[str, Any]:
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self.loader)
+            try:
+                return next(self._it)
+            except StopIteration:
+                self._it = None
+        raise ValueError("the data source yielded no batches")
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, built once by `loop.setup`; what a task's start, after_step and export get."""
+
+    cfg: RunConfig
+    ctx: DistContext
+    task: Task
+    model: nn.Module  # what is trained (e.g. the DiT), its DDP wrapper, or the FSDP2-sharded model
+    core: nn.Module  # the trained module itself (names, config)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    ema: dict[str, torch.Tensor] | None
+    loader: Any
+    batches: BatchStream
+    logger: MetricsLogger
+    start_step: int = 0
+    checkpoint: Path | None = None
+    losses: list[float] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------ helpers

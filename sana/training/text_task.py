@@ -58,6 +58,7 @@ from sana.training.distributed import barrier
 from sana.training.task import (
     DataSource,
     LossOutput,
+    Run,
     Task,
     publish_folder,
     sub_state,
@@ -375,7 +376,7 @@ class TextTask(Task):
         loss = model(micro_batch.input_ids, micro_batch.attention_mask, micro_batch.labels)
         return loss, {}
 
-    def export(self, run: Any) -> dict[str, Path | None]:
+    def export(self, run: Run) -> dict[str, Path | None]:
         weights = trained_weights(run.core, run.ema, self.cfg.checkpoint.export_ema)
         if not self.ctx.is_main:
             return {"final_model": None}
@@ -391,3 +392,7 @@ class TextTask(Task):
         publish_folder(tmp, final)
         run.logger.info(f"final text encoder -> {final / 'text_encoder'}, tokenizer -> {final / 'tokenizer'}")
         return {"final_model": final}
+
+
+CONFIG = TextTrainConfig  # the registry's names for this module's pieces (sana/training/tasks.py)
+TASK = TextTask

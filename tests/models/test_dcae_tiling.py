@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
+from sana.generation import AUTO_TILE_ABOVE_PX, vae_tile_for
 from sana.models.dcae import DCAE, DCAE_PRESETS
 from sana.models.dcae_tiling import DEFAULT_TILE, receptive_radius, tile_bounds, tiled_decode, tiled_local
 from sana.models.dit import SanaDiT
-from sana.generation import AUTO_TILE_ABOVE_PX, vae_tile_for
 from sana.pipeline import SanaPipeline
 from sana.tiny import tiny_components
 

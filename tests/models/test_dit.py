@@ -240,3 +240,24 @@ def test_linear_attention_stays_float32_under_fp16_autocast():
         out = relu_linear_attention(q.half(), k.half(), v.half())
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), relu_linear_attention(q, k, v), rtol=1e-2, atol=1e-3)
+
+
+def test_residuals_match_diffusers_controlnet_block_samples():
+    """Conditioning.residuals[k] is added after block k + 1, exactly where diffusers adds a ControlNet's
+    controlnet_block_samples[k]; with fewer residuals than blocks the rest get none."""
+    cfg = {**TINY, "num_layers": 4}
+    theirs, ours = pair(cfg)
+    x, t, hidden, mask = inputs(cfg, valid=[7, 3])
+    g = torch.Generator().manual_seed(5)
+    for depth in (1, 3):
+        residuals = tuple(torch.randn(2, 64, 16, generator=g) for _ in range(depth))  # (B, N = 8 * 8, C)
+        with torch.no_grad():
+            ref = theirs(x, hidden, t, encoder_attention_mask=mask, controlnet_block_samples=residuals).sample
+            out = ours(x, t, Conditioning(TextEmbeddings(hidden, mask), residuals=residuals))
+            plain = ours(x, t, Conditioning(TextEmbeddings(hidden, mask)))
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        assert (out - plain).abs().max() > 1e-3  # the residuals matter
+    with pytest.raises(ValueError, match="4 residuals for a 4-block model"):
+        ours(x, t, Conditioning(TextEmbeddings(hidden, mask), residuals=residuals + residuals[:1]))
+    with pytest.raises(TypeError, match="takes a Conditioning"):
+        ours(x, t, TextEmbeddings(hidden, mask))

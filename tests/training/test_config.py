@@ -9,12 +9,12 @@ import yaml
 
 from sana.config import ConfigError
 from sana.training.config import (
-    TrainConfig,
     apply_overrides,
     dump_yaml,
     load_train_config,
     train_config_from_dict,
 )
+from sana.training.dit_task import TrainConfig
 
 CONFIGS = Path(__file__).parents[2] / "configs" / "train"
 MINIMAL = {"run_dir": "runs/x", "max_steps": 10, "model": {"preset": "tiny"}, "data": {"path": "imgs"}}
@@ -114,3 +114,77 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
     assert main(["train", str(path), f"data.path={empty}", f"run_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sana train: error: ") and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------------ base: include
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_base_include_merges_mappings_and_replaces_other_values(tmp_path):
+    from sana.training.config import read_yaml
+
+    _write(tmp_path / "common.yaml", {
+        **MINIMAL,
+        "optim": {"lr": 1.0e-3, "grad_clip": 1.0, "betas": [0.9, 0.999]},
+        "model": {"preset": "tiny", "overrides": {"sample_size": 8, "num_layers": 2}},
+        "validation": {"every": 5, "prompts": ["a cat", "a dog"]},
+    })  # fmt: skip
+    run = _write(tmp_path / "run.yaml", {
+        "base": "common.yaml",
+        "max_steps": 20,
+        "optim": {"lr": 2.0e-4, "betas": [0.8, 0.9]},
+        "model": {"overrides": {"num_layers": 3}},
+        "validation": {"prompts": ["a bird"]},
+    })  # fmt: skip
+    data = read_yaml(run)
+    assert "base" not in data and data["max_steps"] == 20 and data["run_dir"] == "runs/x"
+    assert data["optim"] == {"lr": 2.0e-4, "grad_clip": 1.0, "betas": [0.8, 0.9]}  # nested merge, list replaced
+    assert data["model"] == {"preset": "tiny", "overrides": {"sample_size": 8, "num_layers": 3}}  # at any depth
+    assert data["validation"] == {"every": 5, "prompts": ["a bird"]}  # a list replaces, never appends
+    cfg = load_train_config(run, ["optim.lr=5e-5"])  # command-line overrides apply after the merge
+    assert cfg.optim.lr == 5e-5 and cfg.optim.grad_clip == 1.0 and cfg.validation.prompts == ("a bird",)
+
+
+def test_base_include_chains_and_resolves_paths_from_the_including_file(tmp_path, monkeypatch):
+    # run.yaml -> shared/mid.yaml -> shared/deeper/root.yaml: each base path is relative to its own file.
+    _write(tmp_path / "shared" / "deeper" / "root.yaml", {**MINIMAL, "seed": 1, "optim": {"lr": 1.0e-3}})
+    _write(tmp_path / "shared" / "mid.yaml", {"base": "deeper/root.yaml", "seed": 2, "ema": {"decay": 0.99}})
+    run = _write(tmp_path / "runs" / "run.yaml", {"base": "../shared/mid.yaml", "ema": {"enabled": False}})
+    cfg = load_train_config(run)
+    assert cfg.seed == 2 and cfg.optim.lr == 1e-3 and cfg.max_steps == MINIMAL["max_steps"]
+    assert cfg.ema.decay == 0.99 and cfg.ema.enabled is False
+    monkeypatch.chdir(tmp_path / "runs")  # relative to the files, not to the working directory
+    assert load_train_config("run.yaml") == cfg
+
+
+def test_base_include_cycle_and_missing_base_are_one_line_config_errors(tmp_path):
+    _write(tmp_path / "a.yaml", {"base": "b.yaml", **MINIMAL})
+    _write(tmp_path / "b.yaml", {"base": "a.yaml", "seed": 1})
+    with pytest.raises(ConfigError, match=r"include cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml") as cycle:
+        load_train_config(tmp_path / "a.yaml")
+    _write(tmp_path / "self.yaml", {"base": "./self.yaml", **MINIMAL})
+    with pytest.raises(ConfigError, match="include cycle"):
+        load_train_config(tmp_path / "self.yaml")
+    _write(tmp_path / "orphan.yaml", {"base": "gone/common.yaml", **MINIMAL})
+    with pytest.raises(ConfigError, match=r"orphan\.yaml: no such base file: .*gone/common\.yaml") as missing:
+        load_train_config(tmp_path / "orphan.yaml")
+    assert "\n" not in str(cycle.value) and "\n" not in str(missing.value)
+    _write(tmp_path / "odd.yaml", {"base": ["a.yaml"], **MINIMAL})
+    with pytest.raises(ConfigError, match="base must be a file name"):
+        load_train_config(tmp_path / "odd.yaml")
+
+
+def test_no_yaml_of_configs_train_is_a_base_only():
+    """The fine-tunes' shared settings live in configs/train/common/, not among the runs that tests and users
+    list with configs/train/*.yaml; each of the seven names it as its base."""
+    common = CONFIGS / "common" / "shapes_dit_finetune.yaml"
+    assert common.is_file() and not list(CONFIGS.glob("*common*.yaml"))
+    for name in ("positions", "refine", "binding", "restore", "finish", "count", "groups"):
+        assert yaml.safe_load((CONFIGS / f"shapes_dit_{name}.yaml").read_text())["base"] == (
+            "common/shapes_dit_finetune.yaml"
+        )

@@ -19,7 +19,7 @@ from sana.training.config import train_config_from_dict
 from sana.training.ema import init_ema, update_ema
 from sana.training.optim import lr_at
 from sana.training.step import FlowBatch, drop_captions, make_flow_batch, step_generator, train_step
-from sana.types import TextEmbeddings
+from sana.types import Conditioning, TextEmbeddings
 
 # ------------------------------------------------------------------------------------------------- helpers
 
@@ -261,7 +261,7 @@ def test_pretrained_model_takes_config_overrides(tmp_path):
     from sana.config import ConfigError
     from sana.pretrained import save_components
     from sana.tiny import tiny_components
-    from sana.training.loop import build_model
+    from sana.training.dit_task import build_model
     from sana.weights import CheckpointError
 
     parts = tiny_components(seed=0)
@@ -275,9 +275,9 @@ def test_pretrained_model_takes_config_overrides(tmp_path):
     ref = parts.transformer.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
     x = torch.randn(1, parts.transformer.config.in_channels, 4, 4)
-    text = TextEmbeddings(
+    text = Conditioning(TextEmbeddings(
         torch.randn(1, 5, parts.transformer.config.caption_channels), torch.ones(1, 5, dtype=torch.long)
-    )
+    ))  # fmt: skip
     with torch.no_grad():
         moved = model.eval()(x, torch.tensor([500.0]), text) - parts.transformer.eval()(
             x, torch.tensor([500.0]), text

@@ -181,11 +181,9 @@ def test_merged_lora_matches_diffusers_and_peft(tmp_path, folder):
     wrapped.eval()
     one = SanaPipeline.from_pretrained(folder)
     one.load_lora(lora_dir)
+    cond = Conditioning(TextEmbeddings(hidden, mask))
     with torch.no_grad():
-        torch.testing.assert_close(
-            one.transformer(x, t, Conditioning(TextEmbeddings(hidden, mask))), wrapped(x, t, Conditioning(TextEmbeddings(hidden, mask))),
-            atol=1e-5, rtol=1e-4,
-        )  # fmt: skip
+        torch.testing.assert_close(one.transformer(x, t, cond), wrapped(x, t, cond), atol=1e-5, rtol=1e-4)
 
 
 def test_same_image_as_diffusers_with_lora(tmp_path, folder):
