@@ -73,3 +73,20 @@ def read_json(path: str | Path) -> dict[str, Any]:
 
 def read_config(cls: type[T], path: str | Path) -> T:
     return config_from_dict(cls, read_json(path), source=str(path))
+
+
+def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
+    """The YAML (or JSON) value in the user's file `path`; a one-line ConfigError naming the file, with the
+    line and column of a syntax error, or a UserError if it cannot be read."""
+    import yaml  # only where YAML is read
+
+    from sana.errors import read_user_file
+
+    text = read_user_file(path, what)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        reason = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError(f"{path} is not valid YAML: {reason}{where}") from None

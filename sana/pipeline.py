@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from sana.errors import UserError
 from sana.generation import (
     ModelFacts,
     Plan,
@@ -45,7 +46,7 @@ from sana.pretrained import MODEL_INSTRUCTION, InstructionChoice, SchedulerSpec,
 from sana.samplers import SAMPLERS, Callback
 from sana.samplers.guidance import guided_velocity
 from sana.types import Conditioning
-from sana.weights import parse_dtype
+from sana.weights import CheckpointError, parse_dtype
 
 
 class SanaPipeline:
@@ -63,13 +64,14 @@ class SanaPipeline:
         """placement: where the models run; None: everything resident where the transformer's weights are,
         computing in their dtype and decoding in the autoencoder's (right for models built in place, as in
         tests and training's validation; loaders pass a placement explicitly)."""
+        # Parts of one model folder that do not fit each other: the folder is wrong, not the code.
         if transformer.config.caption_channels != text_encoder.model.config.hidden_size:
-            raise ValueError(
+            raise CheckpointError(
                 f"text encoder width {text_encoder.model.config.hidden_size} != transformer caption_channels "
                 f"{transformer.config.caption_channels}"
             )
         if transformer.config.in_channels != vae.config.latent_channels:
-            raise ValueError(
+            raise CheckpointError(
                 f"transformer takes {transformer.config.in_channels} latent channels, "
                 f"the autoencoder makes {vae.config.latent_channels}"
             )
@@ -173,8 +175,6 @@ class SanaPipeline:
         latents (same image, memory bounded by the tile); "auto" tiles images with a side above 2048 px,
         None never tiles.
         """
-        from sana.errors import UserError
-
         if output_type not in ("pil", "pt", "latent"):
             raise UserError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
         plan = self.plan(prompt, **settings)

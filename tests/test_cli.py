@@ -138,3 +138,10 @@ def test_demo_builds_a_model_and_writes_an_image(tmp_path, monkeypatch):
     image = Image.open(tmp_path / "demo.png")
     assert image.size == (64, 64)
     assert read_parameters(tmp_path / "demo.png")["prompt"] == "a red circle above a blue square"
+
+
+def test_building_the_parser_loads_no_torch():
+    """`sana --help` stays instant: the sampler choices come from the registry only when a value is checked."""
+    code = "import sys; from sana.cli.main import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

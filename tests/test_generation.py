@@ -282,3 +282,17 @@ def test_concurrent_calls_on_one_pipeline_equal_calls_one_by_one(pipe):
         th.join()
     for i, image in enumerate(alone):
         assert np.array_equal(results[i], image), jobs[i]
+
+
+def test_the_cli_offers_the_registry_samplers(monkeypatch):
+    from sana.cli.main import build_parser
+    from sana.samplers import dpm_solver
+
+    monkeypatch.setitem(SAMPLERS, "dpm-copy", dpm_solver.SAMPLER)  # a sampler registered in one line
+    parser = build_parser()
+    args = parser.parse_args(["generate", "a cat", "--sampler", "dpm-copy"])
+    assert args.sampler == "dpm-copy"
+    eval_args = parser.parse_args(["eval", "shapes", "--sampler", "dpm-copy"])
+    assert eval_args.sampler == "dpm-copy"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "a cat", "--sampler", "heun"])

@@ -1,7 +1,9 @@
 """The package's import graph, read from the source with `ast`, has no cycle anywhere in `sana/`.
 
 Every import counts: module level, inside functions (lazy imports) and under `if TYPE_CHECKING:`. A lazy import
-hides a cycle from Python but not from a reader, who still has to hold both modules in mind at once.
+hides a cycle from Python but not from a reader, who still has to hold both modules in mind at once. So does a
+registry that names modules as strings (imported on demand with importlib): a string literal that is the name of
+a package module, held in a dict, list, tuple or set (a registry), counts as an import of it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
     name = module_name(path)
     is_package = path.name == "__init__.py"
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    held = {  # string literals inside container displays: registry entries
+        id(e)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Dict | ast.List | ast.Tuple | ast.Set)
+        for e in (node.values if isinstance(node, ast.Dict) else node.elts)
+    }
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -33,6 +42,8 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
                 package = package[: len(package) - (node.level - 1)]
                 base = ".".join([*package, base] if base else package)
             targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+        elif isinstance(node, ast.Constant) and id(node) in held and node.value in modules:
+            targets = [node.value]  # a registry entry such as "sana.training.dit_task"
         else:
             continue
         for target in targets:
@@ -91,6 +102,7 @@ def test_the_graph_sees_lazy_and_relative_imports(tmp_path):
     graph = import_graph()
     assert "sana.pretrained" in graph["sana.pipeline"]  # a module-level import
     assert "sana.models.dit" in graph["sana.training.dit_task"]
+    assert "sana.training.dit_task" in graph["sana.training.tasks"]  # named in the registry
 
 
 if __name__ == "__main__":

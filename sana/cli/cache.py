@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from sana.config import ConfigError
-from sana.errors import UserError, one_line, read_user_file
+from sana.errors import UserError
 
 _FLAGS = ("model", "out", "kind", "resolution", "no_buckets", "shard_size", "batch_size", "device", "dtype")
 
@@ -34,16 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def read_config_file(path: str):
     """The YAML (or JSON) value in `path`; a one-line UserError naming the file if it cannot be read or parsed."""
-    import yaml
+    from sana.config import read_yaml_file
 
-    text = read_user_file(path, "--config file")
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        reason = getattr(e, "problem", None) or one_line(e)
-        raise ConfigError(f"{path} is not valid YAML: {reason}{where}") from e
+    return read_yaml_file(path, "--config file")
 
 
 def cache_config(args: argparse.Namespace):

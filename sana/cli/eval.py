@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from sana.cli.options import SAMPLER_CHOICES
 from sana.errors import UserError
 
 
@@ -28,7 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--steps", type=int, help="sampling steps (default: the model's, else 20)")
     s.add_argument("--guidance", type=float, help="classifier-free guidance, <= 1: off (default: the model's)")
-    s.add_argument("--sampler", choices=["dpm", "euler", "scm"], help="default: the model folder's scheduler")
+    s.add_argument(
+        "--sampler",
+        choices=SAMPLER_CHOICES,
+        metavar="NAME",  # a metavar keeps argparse from reading the registry (torch) when building the parser
+        help="one of %(choices)s (default: the model folder's scheduler)",
+    )
     s.add_argument("--height", type=int, help="image height (default: the model's native size)")
     s.add_argument("--width", type=int, help="image width (default: the model's native size)")
     s.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")

@@ -8,6 +8,7 @@ import random
 import re
 from pathlib import Path
 
+from sana.cli.options import SAMPLER_CHOICES
 from sana.errors import UserError, read_user_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -23,7 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--guidance", type=float, help="classifier-free guidance scale, <= 1: off (default: the model's, else 4.5)"
     )
-    p.add_argument("--sampler", choices=["dpm", "euler", "scm"], help="default: the model folder's scheduler")
+    p.add_argument(
+        "--sampler",
+        choices=SAMPLER_CHOICES,
+        metavar="NAME",  # a metavar keeps argparse from reading the registry (torch) when building the parser
+        help="one of %(choices)s (default: the model folder's scheduler)",
+    )
     p.add_argument("--height", type=int, help="image height, a multiple of 32 (default: the model's native size)")
     p.add_argument("--width", type=int, help="image width, a multiple of 32 (default: the model's native size)")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (used with guidance > 1)")

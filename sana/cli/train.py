@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sana.training.config import load_train_config
+    from sana.training.tasks import load_train_config
 
     overrides = list(args.overrides)
     if args.resume:

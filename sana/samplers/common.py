@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sana.errors import UserError
+
 
 @dataclass(frozen=True)
 class StepInfo:
@@ -68,7 +70,7 @@ class Schedule:
     def last(self, n: int) -> Schedule:
         """The last `n` steps (1 <= n <= steps): the same times and model times, started later."""
         if not 1 <= n <= self.steps:
-            raise ValueError(f"can keep 1 to {self.steps} steps of this schedule, not {n}")
+            raise UserError(f"can keep 1 to {self.steps} steps of this schedule, not {n}")
         model_times = None if self.model_times is None else self.model_times[self.steps - n :]
         return Schedule(self.times[self.steps - n :], model_times, self.space, self.sigma_data)
 
@@ -78,7 +80,7 @@ class Schedule:
         strength 1 is the whole schedule (from noise); a small strength starts close to the data.
         """
         if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+            raise UserError(f"strength must be in (0, 1], got {strength!r}")
         # The tolerance keeps float products such as 0.3 * 10 = 3.0000000000000004 from taking a step more.
         return self.last(max(1, math.ceil(strength * self.steps - 1e-9)))
 

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import torch
 
+from sana.errors import UserError
+
 
 def _check_steps(steps: int) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        raise UserError(f"steps must be a positive integer, got {steps!r}")
 
 
 def _check_shift(shift: float) -> None:
     if not shift > 0:
-        raise ValueError(f"shift must be > 0, got {shift!r}")
+        raise UserError(f"shift must be > 0, got {shift!r}")
 
 
 def flow_shift(sigma, shift: float):

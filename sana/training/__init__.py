@@ -12,8 +12,8 @@ lives in sana/flow.py. Importing this package loads no model and starts nothing.
 import each other directly, never this __init__, so the package has no import cycle (tests/test_imports.py).
 """
 
-from sana.training.config import load_train_config
 from sana.training.dit_task import TrainConfig
 from sana.training.loop import TrainingError, TrainResult, train
+from sana.training.tasks import load_train_config
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingError", "load_train_config", "train"]

@@ -11,10 +11,12 @@ Every key is checked against the dataclass that owns it, and a typo fails at loa
 named ("unknown key optim.learning_rate (did you mean optim.lr?)"). Values are checked against the field
 types: numbers written like `1e-4`, which YAML 1.1 reads as a *string*, are accepted for float fields.
 The top-level `task:` key picks the dataclass: the run config of that task's module, as the registry
-(sana/training/tasks.py) names it, a subclass of `RunConfig` below that adds its own sections (`model`, `data`,
-...) to the shared ones here. Command-line overrides are dotted assignments applied to the YAML before checking:
-`sana train run.yaml optim.lr=3e-5 validation.prompts="[a cat, a dog]"`; each value is parsed with
-yaml.safe_load, so numbers, booleans and lists work.
+(sana/training/tasks.py, which also holds `load_train_config`) names it, a subclass of `RunConfig` below that
+adds its own sections (`model`, `data`, ...) to the shared ones here. This module is the leaf of the training
+package: it imports nothing of it, so every task module can build on it. Command-line overrides are dotted
+assignments applied to the YAML before checking: `sana train run.yaml optim.lr=3e-5 validation.prompts="[a cat,
+a dog]"`; each value is parsed with yaml.safe_load, so numbers, booleans and lists work. A run file may start
+from another with `base: OTHER.yaml` (see `read_yaml`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sana.config import ConfigError
-from sana.training.tasks import DEFAULT_TASK, TASK_NAMES, config_class
+from sana.config import ConfigError, read_yaml_file
 
 # ------------------------------------------------------------------------------------------------ sections
 
@@ -338,14 +339,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def _read_yaml(path: Path, including: tuple[Path, ...]) -> dict[str, Any]:
     """read_yaml of `path`, the base of the last of `including` (the files that include it, outermost first)."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
+    if not path.is_file() and not path.is_dir():
         if including:
-            raise ConfigError(f"{including[-1]}: no such base file: {path}") from None
-        raise ConfigError(f"no such run config: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+            raise ConfigError(f"{including[-1]}: no such base file: {path}")
+        raise ConfigError(f"no such run config: {path}")
+    data = read_yaml_file(path, "base file" if including else "run config")
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections")
     base = data.pop("base", None)
@@ -367,24 +365,6 @@ def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         both = isinstance(value, dict) and isinstance(out.get(key), dict)
         out[key] = _merged(out[key], value) if both else value
     return out
-
-
-def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a run YAML, apply dotted overrides, check everything: the one way a run config is made from text."""
-    return train_config_from_dict(apply_overrides(read_yaml(path), overrides))
-
-
-def train_config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """The run config of the task named by the top-level `task:` key (the registry's DEFAULT_TASK when absent);
-    the registry (sana/training/tasks.py) gives its dataclass, importing only that task's module."""
-    task = data.get("task", DEFAULT_TASK) if isinstance(data, Mapping) else DEFAULT_TASK
-    cls = config_class(task)  # a one-line ConfigError naming the registry's tasks for an unknown one
-    own = {f.name for f in dataclasses.fields(cls)}
-    for key in (k for k in data if k not in own):  # a section of another task: say so, not "did you mean"
-        owners = [t for t in TASK_NAMES if key in {f.name for f in dataclasses.fields(config_class(t))}]
-        if owners:
-            raise ConfigError(f"unknown key {key}: it belongs to task {owners[0]}, and this run has task: {task}")
-    return parse(cls, data)
 
 
 def train_config_to_dict(cfg: Any) -> Any:

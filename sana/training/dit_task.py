@@ -87,6 +87,10 @@ class ValidationConfig:
         _check(self.every >= 0, "validation.every must be >= 0")
         _check(self.every == 0 or bool(self.prompts), "validation.prompts must be set when validation.every > 0")
         _check(self.steps >= 1, "validation.steps must be >= 1")
+        if self.sampler is not None:
+            from sana.samplers import SAMPLERS
+
+            _check(self.sampler in SAMPLERS, f"validation.sampler must be one of {', '.join(SAMPLERS)}")
 
 
 @dataclass(frozen=True, kw_only=True)

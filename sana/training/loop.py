@@ -36,7 +36,8 @@ from sana.training.ema import init_ema, update_ema
 from sana.training.logging import MetricsLogger, plot_loss
 from sana.training.optim import build_optimizer, lr_at, set_lr
 from sana.training.step import NonFiniteLossError, train_step
-from sana.training.task import BatchStream, DataSource, Run, make_task
+from sana.training.task import BatchStream, DataSource, Run
+from sana.training.tasks import make_task
 
 
 class TrainingError(RuntimeError):

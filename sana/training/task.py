@@ -4,8 +4,8 @@
 schedule, accumulation, mixed precision, DDP, logging, the non-finite-loss stop), selected by the run
 config's top-level `task:` key; the registry (tasks.py) names every task and the module that implements it.
 
-A task is an object with the methods of `Task` below, built by `make_task(cfg, ctx)`. The loop calls them in
-this order: build_data -> build_model -> (wrap, optimizer, EMA, resume) -> start -> per step
+A task is an object with the methods of `Task` below, built by `sana.training.tasks.make_task(cfg, ctx)`.
+The loop calls them in this order: build_data -> build_model -> (wrap, optimizer, EMA, resume) -> start -> per step
 {micro_batch x grad_accum_steps -> loss (inside train_step) -> after_step} -> export. Everything the loop
 checkpoints is the module `build_model` returns (so a task whose training needs a second network, like the
 autoencoder's discriminator, returns one module holding both); state that is not trained and not random
@@ -28,7 +28,6 @@ from sana.training.config import RunConfig
 from sana.training.distributed import DistContext, full_tensor
 from sana.training.ema import full_ema_state
 from sana.training.logging import MetricsLogger
-from sana.training.tasks import task_class
 
 DataSource = Callable[..., Iterable[dict[str, Any]]]
 LossOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -79,11 +78,6 @@ class Task:
         """Write the final model under `RUN/` (rank 0) and return {TrainResult field: path}. Called on every
         rank: gathering sharded weights is a collective."""
         raise NotImplementedError
-
-
-def make_task(cfg: RunConfig, ctx: DistContext, resume: Path | None = None) -> Task:
-    """The task of `cfg.task`, from the registry (tasks.py): only that task's module is imported."""
-    return task_class(cfg.task)(cfg, ctx, resume)
 
 
 # --------------------------------------------------------------------------------------------------- run

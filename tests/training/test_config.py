@@ -8,13 +8,9 @@ import pytest
 import yaml
 
 from sana.config import ConfigError
-from sana.training.config import (
-    apply_overrides,
-    dump_yaml,
-    load_train_config,
-    train_config_from_dict,
-)
+from sana.training.config import apply_overrides, dump_yaml
 from sana.training.dit_task import TrainConfig
+from sana.training.tasks import load_train_config, train_config_from_dict
 
 CONFIGS = Path(__file__).parents[2] / "configs" / "train"
 MINIMAL = {"run_dir": "runs/x", "max_steps": 10, "model": {"preset": "tiny"}, "data": {"path": "imgs"}}

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from sana.config import ConfigError
 from sana.training import train
-from sana.training.config import load_train_config
 from sana.training.logging import read_metrics
+from sana.training.tasks import load_train_config
 from tests.training.test_loop import one_thread  # noqa: F401 (fixture)
 
 CONFIGS = Path(__file__).parents[2] / "configs" / "train"

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import torch
 
-from sana.training.config import train_config_from_dict
 from sana.training.ema import init_ema, update_ema
 from sana.training.optim import lr_at
 from sana.training.step import FlowBatch, drop_captions, make_flow_batch, step_generator, train_step
+from sana.training.tasks import train_config_from_dict
 from sana.types import Conditioning, TextEmbeddings
 
 # ------------------------------------------------------------------------------------------------- helpers

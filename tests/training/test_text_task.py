@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from sana.config import ConfigError
 from sana.training import train
-from sana.training.config import load_train_config
 from sana.training.logging import read_metrics
+from sana.training.tasks import load_train_config
 from sana.training.text_task import (
     CaptionBatches,
     TextDataConfig,
