@@ -118,7 +118,8 @@ def test_schedules_noise_a_latent_to_their_first_time():
     torch.testing.assert_close(flow.noised(x0, eps), 0.4 * x0 + 0.6 * eps)
     trig = SAMPLERS["scm"].schedule(2, sigma_data=0.5)
     t = trig.times[0]
-    torch.testing.assert_close(trig.noised(x0, eps), torch.cos(t) * x0 / 0.5 + torch.sin(t) * eps)
+    torch.testing.assert_close(trig.noised(x0, eps), torch.cos(t) * x0 + torch.sin(t) * eps)
+    torch.testing.assert_close(flow.noised(x0, eps, index=2), x0)  # the end of a schedule is the data
 
 
 def test_registry_entries_build_schedules_their_functions_accept():
@@ -296,3 +297,27 @@ def test_the_cli_offers_the_registry_samplers(monkeypatch):
     assert eval_args.sampler == "dpm-copy"
     with pytest.raises(SystemExit):
         parser.parse_args(["generate", "a cat", "--sampler", "heun"])
+
+
+@pytest.mark.parametrize("name", ["dpm", "euler", "scm"])
+def test_a_callback_can_hold_a_region_on_its_noised_path(name):
+    """Inpainting's seam: after every step the callback puts the kept region back on the path of the original
+    latent (noised to where the state now is); the sampler continues from what it returns, and the kept region
+    ends as the original exactly while the repainted region is the sampler's own."""
+    entry = SAMPLERS[name]
+    schedule = entry.schedule(6, shift=3.0, sigma_data=0.5)
+    g = torch.Generator().manual_seed(0)
+    init, noise = torch.randn(1, 2, 4, 4, generator=g), torch.randn(1, 2, 4, 4, generator=g)
+    keep = torch.zeros(1, 1, 4, 4)
+    keep[..., :2] = 1  # the left half is kept
+    field = lambda x, t: 0.7 * x + x.mean(dim=(-2, -1), keepdim=True)  # noqa: E731  (couples the halves)
+
+    def hold(info):
+        return keep * schedule.noised(init, noise, info.index + 1) + (1 - keep) * info.x
+
+    x, sched = start_latents(schedule, noise)
+    free = entry.run(field, x, sched, generator=torch.Generator().manual_seed(1))
+    held = entry.run(field, x, sched, generator=torch.Generator().manual_seed(1), callback=hold)
+    torch.testing.assert_close(held[..., :2], init[..., :2], rtol=0, atol=1e-6)
+    assert (held[..., 2:] - free[..., 2:]).abs().max() > 1e-3  # the kept half steers the rest
+    assert not torch.equal(held[..., 2:], init[..., 2:])

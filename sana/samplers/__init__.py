@@ -12,12 +12,14 @@ Two times per step. The solver's arithmetic always uses the schedule (flow sigma
 "scm"). What the model is shown as t is a separate, explicit input:
   * "dpm" and "euler" take `model_times` (steps,), defaulting to the flow times sigmas[:-1] in [0, 1]. The
     published Sana checkpoints were sampled seeing other numbers: integer timesteps trunc(1000 sigma) for
-    DPM-Solver (pass model_times=model_timesteps(sigmas), the one place where time is truncated) and
-    float32 sigma * 1000 for Euler. The velocity function then receives those values as t.
+    DPM-Solver (model_timesteps(sigmas), the one place where time is truncated) and float32 sigma * 1000 for
+    Euler, times the DiT's timestep_scale. The registry's schedule builders (`dpm_schedule`,
+    `euler_schedule`) put exactly those numbers in a `Schedule`; the velocity function receives them as t.
   * "scm" shows the model the flow time s = sin t / (sin t + cos t) it computes itself (the Sprint
     checkpoints' input), with the flow state x_s; see scm.py.
 
-Callbacks receive one StepInfo(index, total, t, x, denoised) per step, in order; `progress=True` shows a
+Callbacks receive one StepInfo(index, total, t, x, denoised) per step, in order, and may return a tensor the
+sampler continues from instead of x (inpainting holds its kept region that way); `progress=True` shows a
 tqdm bar.
 
 Registry: SAMPLERS maps exact names to `Sampler` entries (common.py): the function, the schedule it was made

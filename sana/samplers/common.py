@@ -27,7 +27,19 @@ class StepInfo:
     denoised: torch.Tensor
 
 
-Callback = Callable[[StepInfo], None]
+# A callback sees each step's StepInfo. It may return a tensor shaped like StepInfo.x for the sampler to continue
+# from instead (the sampler's history is kept): how inpainting puts the kept region back on its noised path
+# after every step. Returning None changes nothing.
+Callback = Callable[[StepInfo], torch.Tensor | None]
+
+
+def continue_from(replacement: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """The state a sampler continues from after its callback: the callback's tensor, else x."""
+    if replacement is None:
+        return x
+    if replacement.shape != x.shape:
+        raise ValueError(f"a callback returned shape {tuple(replacement.shape)} for a state of {tuple(x.shape)}")
+    return replacement.to(device=x.device, dtype=x.dtype)
 
 
 TIME_SPACES = ("flow", "trigflow")
@@ -43,7 +55,7 @@ class Schedule:
                  units (for the published checkpoints: trunc(1000 sigma) or 1000 sigma, times the DiT's
                  timestep_scale); None when the sampler derives it from `times` itself (scm)
     space        how `times` mixes data and noise: "flow" x = (1 - t) x0 + t eps; "trigflow" x = cos(t) x0 +
-                 sin(t) eps, in units of the data standard deviation `sigma_data`
+                 sin(t) eps (the sampler's state; its TrigFlow data are x0 times `sigma_data`)
 
     The schedules are built once per call by the sampler's registry entry, so the model's times are made in one
     place. Slicing keeps the tail of a run: `last(n)` is the last n steps with their model times, which is how
@@ -84,13 +96,16 @@ class Schedule:
         # The tolerance keeps float products such as 0.3 * 10 = 3.0000000000000004 from taking a step more.
         return self.last(max(1, math.ceil(strength * self.steps - 1e-9)))
 
-    def noised(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The clean latent x0 noised to this schedule's first time, as the sampler's start (float32)."""
-        t = self.times[0].to(torch.float32)
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, index: int = 0) -> torch.Tensor:
+        """The clean latent x0 noised to times[index] (default: the start), in the units of the sampler's state
+        (StepInfo.x after step index - 1 is at times[index]); float32."""
+        t = self.times[index].to(torch.float32)
         x0, noise = x0.float(), noise.float()
         if self.space == "flow":
             return (1 - t) * x0 + t * noise
-        return torch.cos(t) * x0 / self.sigma_data + torch.sin(t) * noise
+        # TrigFlow's data is sigma_data x the latent and its state is kept divided by sigma_data (scm.py):
+        # z / sigma_data = cos(t) latent + sin(t) eps.
+        return torch.cos(t) * x0 + torch.sin(t) * noise
 
 
 SampleFn = Callable[..., torch.Tensor]

@@ -39,6 +39,7 @@ from sana.samplers.common import (
     Schedule,
     StepInfo,
     check_schedule,
+    continue_from,
     step_range,
     time_batch,
     working_dtype,
@@ -92,7 +93,7 @@ def sample_dpm_solver(
                 x_next = (t / s) * x - phi * x0 - 0.5 * phi * d1
         x, x0_prev = x_next, x0
         if callback is not None:
-            callback(StepInfo(index=i, total=steps, t=float(s), x=x, denoised=x0))
+            x = continue_from(callback(StepInfo(index=i, total=steps, t=float(s), x=x, denoised=x0)), x)
     return x
 
 

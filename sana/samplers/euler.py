@@ -22,6 +22,7 @@ from sana.samplers.common import (
     Schedule,
     StepInfo,
     check_schedule,
+    continue_from,
     step_range,
     time_batch,
     working_dtype,
@@ -54,7 +55,7 @@ def sample_euler(
         denoised = x - s * v if callback is not None else None  # only previews need it
         x = x + (s_next - s) * v
         if callback is not None:
-            callback(StepInfo(index=i, total=steps, t=float(s), x=x, denoised=denoised))
+            x = continue_from(callback(StepInfo(index=i, total=steps, t=float(s), x=x, denoised=denoised)), x)
     return x
 
 

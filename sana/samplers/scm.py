@@ -33,7 +33,15 @@ from __future__ import annotations
 
 import torch
 
-from sana.samplers.common import Callback, Sampler, Schedule, StepInfo, step_range, working_dtype
+from sana.samplers.common import (
+    Callback,
+    Sampler,
+    Schedule,
+    StepInfo,
+    continue_from,
+    step_range,
+    working_dtype,
+)
 from sana.samplers.schedules import scm_timesteps
 from sana.types import VelocityFn
 
@@ -90,8 +98,10 @@ def sample_scm(
         noise = _standard_normal(z.shape, generator, z.device) * sigma_data
         z = torch.cos(t_next) * x0 + torch.sin(t_next) * noise
         if callback is not None:
-            callback(StepInfo(index=i, total=steps, t=float(s[0]), x=z / sigma_data, denoised=x0 / sigma_data))
-    return x0 / sigma_data
+            info = StepInfo(index=i, total=steps, t=float(s[0]), x=z / sigma_data, denoised=x0 / sigma_data)
+            z = continue_from(callback(info), z / sigma_data) * sigma_data
+    # After the last step (angle 0) z = cos(0) x0 + sin(0) noise is x0 exactly, or what a callback put there.
+    return z / sigma_data
 
 
 def scm_schedule(steps: int, *, sigma_data: float = 0.5, **_: object) -> Schedule:
