@@ -332,6 +332,7 @@ def decode_latents(vae: DCAE, latents: torch.Tensor, plan: Plan, dtype: torch.dt
 
 __all__ = [
     "AUTO_TILE_ABOVE_PX",
+    "OUTPUT_TYPES",
     "GenerationSettings",
     "ModelFacts",
     "Plan",

@@ -25,6 +25,7 @@ from PIL import Image
 
 from sana.errors import UserError
 from sana.generation import (
+    OUTPUT_TYPES,
     ModelFacts,
     Plan,
     decode_latents,
@@ -175,8 +176,8 @@ class SanaPipeline:
         latents (same image, memory bounded by the tile); "auto" tiles images with a side above 2048 px,
         None never tiles.
         """
-        if output_type not in ("pil", "pt", "latent"):
-            raise UserError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise UserError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         plan = self.plan(prompt, **settings)
         if latents is not None and tuple(latents.shape) != (plan.n, *plan.latent_shape):
             raise UserError(f"latents must have shape {(plan.n, *plan.latent_shape)}, got {tuple(latents.shape)}")
