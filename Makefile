@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev,train]'
+	$(PY) -m pip install -q -e '.[dev,train,serve]'
 	# open_clip for `sana captions score` tests: --no-deps because it requires torchvision, which has no
 	# build for this CPU torch; the scorer never uses torchvision (see sana/data/captions.py).
 	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
