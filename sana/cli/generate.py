@@ -1,14 +1,23 @@
-"""`sana generate PROMPT [PROMPT ...]`: text to PNG files, with the parameters stored in each PNG."""
+"""`sana generate PROMPT [PROMPT ...]`: text to PNG files, with the parameters stored in each PNG.
+
+Into a folder, image i is `{i:03d}-{slug}-{seed+i}.png`; an image whose file is already there is skipped, so
+re-running an interrupted command makes only what is missing. `torchrun --nproc-per-node K -m sana generate
+--seed S ...` shards the images over K processes (sana/cli/sharding.py), each on its own device; together they
+write the files one process writes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import re
+import sys
 from pathlib import Path
 
 from sana.cli.options import SAMPLER_CHOICES
+from sana.cli.sharding import batches, launch_from_env, rank_device, shard
 from sana.errors import UserError, read_user_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -43,10 +52,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", help="LoRA weights to merge: a pytorch_lora_weights.safetensors or its folder")
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA (0: none, 1: as trained)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute dtype")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device, e.g. cpu, cuda, cuda:1, mps; under torchrun, cuda means each rank's cuda:LOCAL_RANK",
+    )
     p.add_argument("--low-memory", action="store_true", help="keep the text encoder on the CPU between prompts")
-    p.add_argument("--output", "-o", default="outputs", help="a file for one image, else a folder")
+    p.add_argument(
+        "--output",
+        "-o",
+        default="outputs",
+        help="a file for one image (overwritten), else a folder; images whose file is already in the folder "
+        "are skipped, so a re-run makes only the missing ones",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=4,
+        help="images per pipeline call; each batch is saved when done. Every image has its own seed and "
+        "generator, so this changes memory and speed, not the images",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.epilog = (
+        "Many processes: `torchrun --nproc-per-node K -m sana generate --prompts-file P --seed S --output DIR` "
+        "shards the images over K processes (image i on rank i % K), each on its own device (--device cuda: "
+        "cuda:LOCAL_RANK); they write the same files as one process. A fixed --seed is required there."
+    )
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -59,11 +90,16 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def is_file_output(output: str, n: int) -> bool:
+    """One image and an image file name: written there (and overwritten); otherwise `output` is a folder."""
+    return n == 1 and Path(output).suffix.lower() in IMAGE_SUFFIXES
+
+
 def output_paths(output: str, prompts: list[str], per_prompt: int, seeds: list[int]) -> list[Path]:
     """Where each image goes; checks the location is writable before any model work."""
     out = Path(output)
     n = len(prompts) * per_prompt
-    if n == 1 and out.suffix.lower() in IMAGE_SUFFIXES:
+    if is_file_output(output, n):
         paths, folder = [out], out.parent
     else:
         if out.suffix.lower() in IMAGE_SUFFIXES:
@@ -80,14 +116,33 @@ def output_paths(output: str, prompts: list[str], per_prompt: int, seeds: list[i
 
 
 def run(args: argparse.Namespace) -> int:
+    launch = launch_from_env()
     prompts = read_prompts(args)
     n = len(prompts) * args.images_per_prompt
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if launch.distributed and args.seed is None:
+        raise UserError(
+            f"{launch.world_size} processes (torchrun) need a fixed --seed: each would draw its own random one"
+        )
     first = args.seed if args.seed is not None else random.randrange(2**31)
     seeds = [first + i for i in range(n)]
-    paths = output_paths(args.output, prompts, args.images_per_prompt, seeds)
+    paths = output_paths(args.output, prompts, args.images_per_prompt, seeds)  # every rank checks
+    tag = f"rank {launch.rank}/{launch.world_size}: " if launch.distributed else ""
+
+    mine = shard(n, launch.rank, launch.world_size)
+    if is_file_output(args.output, n):
+        todo = mine  # an explicit file is overwritten, as asked
+    else:
+        done = {i for i in mine if paths[i].exists()}
+        todo = [i for i in mine if i not in done]
+        skipped = [paths[i].name for i in sorted(done)]
+        if skipped:
+            names = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+            print(f"{tag}skipped {len(skipped)} image(s) already in {paths[0].parent}: {names}", file=sys.stderr)
 
     from sana.generation import check_settings
-    from sana.images import save_image
+    from sana.images import PARAMETERS_KEY, save_image
     from sana.pipeline import SanaPipeline
     from sana.pretrained import choose_instruction, default_model
 
@@ -108,31 +163,43 @@ def run(args: argparse.Namespace) -> int:
         from sana.lora import lora_file
 
         lora_file(args.lora)  # a missing file fails before the model loads
+    if not todo:
+        return 0
+    device = rank_device(args.device, launch)
+    if launch.distributed and device.startswith("cuda:"):
+        import torch
+
+        torch.cuda.set_device(device)
     pipe = SanaPipeline.from_pretrained(
         args.model or default_model(),
         dtype=args.dtype,
-        device=args.device,
+        device=device,
         instruction=instruction,
         offload=("text_encoder",) if args.low_memory else (),
     )
     if args.lora:
         pipe.load_lora(args.lora, args.lora_scale)
-    images = pipe(
-        prompts,
-        negative_prompt=args.negative_prompt,
-        height=args.height,
-        width=args.width,
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        sampler=args.sampler,
-        seed=seeds,
-        images_per_prompt=args.images_per_prompt,
-        use_resolution_binning=not args.no_binning,
-        pag_scale=args.pag_scale,
-        pag_layers=args.pag_layers,
-        progress=not args.quiet,
-    )
-    for image, path in zip(images, paths, strict=True):
-        save_image(image, path)
-        print(path)
+    for batch in batches(todo, args.batch_size):
+        # One image per prompt entry with its own seed: image i is the same whatever batch it lands in.
+        images = pipe(
+            [prompts[i // args.images_per_prompt] for i in batch],
+            negative_prompt=args.negative_prompt,
+            height=args.height,
+            width=args.width,
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            sampler=args.sampler,
+            seed=[seeds[i] for i in batch],
+            images_per_prompt=1,
+            use_resolution_binning=not args.no_binning,
+            pag_scale=args.pag_scale,
+            pag_layers=args.pag_layers,
+            progress=not args.quiet,
+        )
+        for i, image in zip(batch, images, strict=True):
+            params = json.loads(image.info[PARAMETERS_KEY])
+            params["index_in_batch"] = i  # the image's index in the whole command, whatever its batch or rank
+            image.info[PARAMETERS_KEY] = json.dumps(params, sort_keys=True)
+            save_image(image, paths[i])  # atomic: a killed run leaves no half-written file to skip
+            print(paths[i])
     return 0
