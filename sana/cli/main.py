@@ -24,6 +24,7 @@ COMMANDS = {
     "captions": ("sana.cli.captions", "caption tools: `captions score` fills CLIP scores into a manifest"),
     "train": ("sana.cli.train", "train or fine-tune a Sana model from a run YAML (torchrun for many GPUs)"),
     "data": ("sana.cli.data", "make training data: `data shapes` writes the procedural shapes world"),
+    "serve": ("sana.cli.serve", "serve an OpenAI-compatible image API over HTTP (jobs, live progress, metrics)"),
     "eval": ("sana.cli.eval", "evaluate a model: `eval shapes` scores prompt following on the shapes world"),
 }
 
