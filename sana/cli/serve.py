@@ -105,7 +105,10 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("sana.server.access").disabled = args.no_access_log
+    from sana.server.engine import cpu_threads_for_worker
+
     model = args.model or default_model()
+    torch_threads = cpu_threads_for_worker()  # before loading: the main thread only loads, the worker computes
     pipe = SanaPipeline.from_pretrained(
         model,
         dtype=args.dtype,
@@ -128,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         keep_seconds=args.keep_seconds,
         drain_timeout=args.shutdown_timeout,
+        torch_threads=torch_threads,
     )
 
     class Server(uvicorn.Server):

@@ -158,9 +158,11 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     keep_seconds: float = 3600.0,
     drain_timeout: float | None = None,
+    torch_threads: int | None = None,
 ) -> FastAPI:
     """The app serving `pipe` as `model_name`. max_images is capped by max_queue (a job never splits across
-    the queue). drain_timeout: seconds the shutdown waits for queued and running work (None: all of it)."""
+    the queue). drain_timeout: seconds the shutdown waits for queued and running work (None: all of it).
+    torch_threads: the engine worker's torch threads (sana.server.engine.cpu_threads_for_worker)."""
     from sana.samplers import SAMPLERS
 
     limits = Limits(max_side=max_side, max_steps=max_steps, max_images=min(max_images, max_queue))
@@ -183,7 +185,12 @@ def create_app(
 
     metrics = Metrics()
     engine = Engine(
-        pipe, max_batch=max_batch, max_queue=max_queue, keep_seconds=keep_seconds, on_batch=metrics.on_batch
+        pipe,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        keep_seconds=keep_seconds,
+        on_batch=metrics.on_batch,
+        torch_threads=torch_threads,
     )
     metrics.queue_depth.set_function(lambda: engine.queue_depth)
     key = api_key.encode() if api_key else None
