@@ -399,6 +399,8 @@ def create_app(
             if stored is None:
                 raise ApiError(500, "the image expired before it was sent; raise --keep-seconds", kind="internal")
             data.append({"b64_json": base64.b64encode(stored[0]).decode("ascii"), "seed": spec.seed})
+        if work.response_format != "url":
+            engine.release(job)  # the images are in the response: nobody can ask for them again
         return JSONResponse({"created": int(time.time()), "data": data})
 
     @app.post("/v1/jobs", status_code=202)

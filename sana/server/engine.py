@@ -237,7 +237,7 @@ class Engine:
         self.max_queue = max_queue
         self.keep_seconds = keep_seconds
         self.keep_bytes = keep_bytes
-        self.keep_jobs = 100_000  # terminal jobs remembered at most, whatever their age
+        self.keep_jobs = 10_000  # terminal jobs remembered at most, whatever their age
         self.on_batch = on_batch
         self.torch_threads = torch_threads
         self.log = logging.getLogger("sana.server")
@@ -290,6 +290,18 @@ class Engine:
         with self._cv:
             self._expire_locked()
             return self._jobs.get(job_id)
+
+    def release(self, job: Job) -> None:
+        """Forget a finished job and its images now, not after keep_seconds: for a synchronous request whose
+        images went out in the response, keeping them would only grow the server's memory."""
+        with self._cv:
+            if job.status not in TERMINAL:
+                raise ValueError(f"job {job.id} is {job.status}; only a finished job can be released")
+            for name in job.image_names:
+                entry = self._store.pop(name, None)
+                if entry is not None:
+                    self._store_bytes -= len(entry.data)
+            self._jobs.pop(job.id, None)
 
     def image(self, name: str) -> tuple[bytes, str] | None:
         """(encoded bytes, media type) of a stored image; None when unknown or expired."""

@@ -187,6 +187,18 @@ def test_output_formats_and_ignored_openai_fields(served):
         assert Image.open(io.BytesIO(image.content)).size == (256, 256)
 
 
+def test_b64_answers_leave_nothing_behind_and_url_answers_stay(served):
+    """Memory stays steady: images sent in the response body are not kept; URL images are, until they expire."""
+    url, app = served
+    engine = app.state.engine
+    before = engine.stored_bytes
+    body = {"prompt": PROMPT, "num_inference_steps": 2, "seed": 1}
+    assert httpx.post(f"{url}/v1/images/generations", json=body, timeout=60).status_code == 200
+    assert engine.stored_bytes == before
+    r = httpx.post(f"{url}/v1/images/generations", json={**body, "response_format": "url"}, timeout=60)
+    assert engine.stored_bytes > before and httpx.get(r.json()["data"][0]["url"]).status_code == 200
+
+
 def test_the_server_draws_what_sana_generate_draws(served, tmp_path):
     url, _ = served
     out = tmp_path / "cli.png"
