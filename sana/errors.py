@@ -1,13 +1,18 @@
-"""The one base class for the user's mistakes.
+"""The two kinds of failure a command reports in one line: the user's mistakes and runtime failures.
 
 `UserError` means "what you asked for cannot be done as asked": a bad setting, a missing or malformed file,
 an invalid config. Its message is written for the user and fits on one line; the CLI prints it as
 `sana COMMAND: error: MESSAGE` (the server will answer it with a 4xx), without a traceback unless `--debug`
-(or SANA_DEBUG=1) asks for one. Every other exception is a bug or an environment failure and keeps its
-traceback.
+(or SANA_DEBUG=1) asks for one; the exit status is 2.
 
-It subclasses ValueError because most of these mistakes are bad values, and callers that already catch
-ValueError around the library keep working.
+`RuntimeFailure` means "what you asked for was fine, but it could not be done here and now": the device ran out
+of memory, the Hub could not be reached, a training run diverged. The user can act on it (free memory, retry,
+resume with other settings) but did not cause it with a bad argument. The CLI prints it the same way, with exit
+status 1. Every other exception (a bug, or an environment failure nobody foresaw, like an I/O error) keeps
+its traceback (exit status 1).
+
+UserError subclasses ValueError because most of these mistakes are bad values, and callers that already catch
+ValueError around the library keep working; RuntimeFailure subclasses RuntimeError for the same reason.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from contextlib import contextmanager
 
 class UserError(ValueError):
     """A mistake in what the user asked for (settings, files, configs), explained in one line."""
+
+
+class RuntimeFailure(RuntimeError):
+    """An expected failure of the run or its environment (not of what was asked), explained in one line."""
 
 
 class MissingFileError(UserError, FileNotFoundError):

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from sana.config import ConfigError, read_json
-from sana.errors import UserError
+from sana.errors import RuntimeFailure, UserError
 from sana.models.dcae import DCAE
 from sana.models.dit import SanaDiT
 from sana.models.text_encoder import DEFAULT_INSTRUCTION, TextEncoder
@@ -207,8 +207,15 @@ def default_model() -> Path:
     return model
 
 
+class HubUnavailableError(RuntimeFailure, CheckpointError):
+    """A Hub id could not be fetched for a reason that is not the id's (no network, a timeout, the Hub down):
+    a runtime failure, not the user's mistake. Also a CheckpointError, for callers that catch that."""
+
+
 def resolve_model_dir(path_or_id: str | Path) -> Path:
-    """A local folder as is; otherwise an "org/name" Hub id, downloaded (cached) by huggingface_hub."""
+    """A local folder as is; otherwise an "org/name" Hub id, downloaded (cached) by huggingface_hub. A folder
+    that does not exist or an id the Hub does not have is a CheckpointError (the user's mistake); a Hub that
+    cannot be reached is a HubUnavailableError (a runtime failure)."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
@@ -216,15 +223,21 @@ def resolve_model_dir(path_or_id: str | Path) -> Path:
     is_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists()
     if not is_hub_id:
         raise CheckpointError(f"no such model folder: {path_or_id}")
-    from huggingface_hub import snapshot_download  # only when a Hub id is actually used
+    import huggingface_hub  # only when a Hub id is actually used
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        return Path(
+            huggingface_hub.snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+        )
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{text} is not a local folder and could not be fetched from the Hub: {first}"
-        ) from None
+        message = f"{text} is not a local folder and could not be fetched from the Hub: {first}"
+        # No such repository (or no access to a gated one), no such revision, a malformed id: the user's
+        # mistake. Anything else (no network, a timeout, the Hub failing) is the machine's: a runtime failure.
+        if isinstance(e, (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError)):
+            raise CheckpointError(message) from e
+        raise HubUnavailableError(message) from e
 
 
 def load_components(

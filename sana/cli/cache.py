@@ -11,6 +11,9 @@ from sana.errors import UserError
 
 _FLAGS = ("model", "out", "kind", "resolution", "no_buckets", "shard_size", "batch_size", "device", "dtype")
 
+EXAMPLE = "example:\n  sana cache photos --model sana/assets/shapes-model --out data/photos-cache --resolution 256"
+OUT_OF_MEMORY = "try a smaller --batch-size or --resolution"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # Flags default to "not given" (SUPPRESS), so a --config run can tell that none was passed beside it.

@@ -7,6 +7,12 @@ import argparse
 
 from sana.errors import UserError
 
+EXAMPLE = (
+    "example:\n  sana captions score manifest.jsonl --model ViT-B-32 --pretrained laion2b_s34b_b79k "
+    "--out scored.jsonl --device cuda"
+)
+OUT_OF_MEMORY = "try a smaller --batch-size"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -14,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "score",
         help="write a copy of a JSONL manifest with CLIP scores on every caption",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=EXAMPLE,
+        allow_abbrev=False,
     )
     s.add_argument("manifest", help="JSONL manifest (one {image, captions | text} object per line)")
     s.add_argument("--out", required=True, help="manifest to write (may equal MANIFEST: written atomically)")

@@ -10,6 +10,12 @@ from sana.errors import UserError, user_path
 
 BASE_PARTS = ("vae", "text_encoder", "tokenizer")  # what --base gives the converted folder
 
+EXAMPLE = (
+    "example:\n"
+    "  sana convert Sana_600M_1024px.pth sana-600m --image-size 1024 "
+    "--base Efficient-Large-Model/Sana_600M_1024px_diffusers"
+)
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="original .pth file (read with weights_only=True)")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from sana.errors import UserError
 
+EXAMPLE = "example:\n  sana data shapes --n 10000 --seed 0 --out data/shapes"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -14,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "shapes",
         help="flat coloured shapes with scored captions: DIR/images/*.png, manifest.jsonl, scenes.jsonl",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=EXAMPLE,
+        allow_abbrev=False,
     )
     s.add_argument("--n", type=int, required=True, help="number of images")
     s.add_argument("--seed", type=int, default=0, help="the same seed writes byte-identical files")

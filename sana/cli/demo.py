@@ -11,6 +11,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sana.errors import UserError
+
+EXAMPLE = 'example:\n  sana demo --out out/demo --prompt "two green triangles"'
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/demo", help="folder for the model (if built) and the image")
@@ -24,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from sana.pretrained import save_components, shipped_model
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
     model = shipped_model()
     if model is None:
         from sana.tiny import tiny_components
@@ -43,7 +49,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _verdict(prompt: str, image) -> str:
     """What the shapes analyzer sees in the picture, and whether that is what the prompt asked for."""
-    from sana.errors import UserError
     from sana.shapes.analyzer import analyze, check
     from sana.shapes.world import parse_prompt
 

@@ -11,6 +11,9 @@ import argparse
 from sana.cli.options import SAMPLER_CHOICES
 from sana.errors import UserError
 
+EXAMPLE = "example:\n  sana eval shapes --n-per-category 50 --seed 3000 --out out/eval"
+OUT_OF_MEMORY = "try a smaller --batch-size, --dtype bf16, or a smaller --height / --width"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -18,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "shapes",
         help="accuracy on fresh shapes-world prompts, scored by the shape analyzer",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=EXAMPLE,
+        allow_abbrev=False,
     )
     s.add_argument("--model", help="model folder or Hub id (default: the model shipped with the package)")
     s.add_argument("--n-per-category", type=int, default=16, help="prompts (= images) per category")
@@ -27,8 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--categories",
         help="comma-separated categories to score, e.g. counting (default: single, sized, relation, counting)",
     )
-    s.add_argument("--steps", type=int, help="sampling steps (default: the model's, else 20)")
-    s.add_argument("--guidance", type=float, help="classifier-free guidance, <= 1: off (default: the model's)")
+    s.add_argument("--steps", type=int, help="sampling steps (default: the model's, else 20; Sprint 2)")
+    s.add_argument(
+        "--guidance", type=float, help="classifier-free guidance, <= 1: off (default: the model's, else 4.5)"
+    )
     s.add_argument(
         "--sampler",
         choices=SAMPLER_CHOICES,

@@ -22,6 +22,9 @@ from sana.errors import UserError, read_user_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
+EXAMPLE = 'example:\n  sana generate "a red circle above a blue square" --seed 0 -o out.png'
+OUT_OF_MEMORY = "try --low-memory, a smaller --batch-size, or a smaller --height / --width"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help='text prompts ("" generates unconditionally)')

@@ -17,6 +17,11 @@ from sana.errors import UserError
 
 API_KEY_ENV = "SANA_API_KEY"
 
+EXAMPLE = (
+    "example:\n  sana serve --model Efficient-Large-Model/Sana_600M_1024px_diffusers --device cuda --dtype bf16"
+)
+OUT_OF_MEMORY = "try --low-memory, --dtype bf16, or a smaller --max-batch or --max-side"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model folder or Hub id (default: the model shipped with the package)")

@@ -10,7 +10,11 @@ sana/training/config.py; configs/train/ holds examples.
 from __future__ import annotations
 
 import argparse
-import sys
+
+EXAMPLE = "example:\n  sana train configs/train/shapes_finetune.yaml data.path=data/photos-cache max_steps=500"
+OUT_OF_MEMORY = (
+    "try a smaller data.batch_size (with optim.grad_accum_steps to keep the batch) or precision.mixed: bf16"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,13 +39,9 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"checkpoint.resume={args.resume}")
     cfg = load_train_config(args.config, overrides)
 
-    from sana.training import TrainingError, train
+    from sana.training import train
 
-    try:
-        result = train(cfg)
-    except TrainingError as e:
-        print(f"sana train: error: {e}", file=sys.stderr)
-        return 1
+    result = train(cfg)  # a run that diverges raises TrainingError, a RuntimeFailure: one line, exit status 1
     if result.final_model is not None:
         print(f"{result.final_model} (step {result.step}, final loss {_last(result.losses)})")
     return 0

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sana.errors import RuntimeFailure
 from sana.training.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from sana.training.config import RunConfig, dump_yaml
 from sana.training.distributed import (
@@ -40,7 +41,7 @@ from sana.training.task import BatchStream, DataSource, Run
 from sana.training.tasks import make_task
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RuntimeFailure):
     """Training cannot go on (diverged); the message says where the last good checkpoint is."""
 
 
