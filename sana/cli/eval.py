@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from sana.cli.options import SAMPLER_CHOICES
+from sana.cli.options import add_sampler_option
 from sana.errors import UserError
 
 EXAMPLE = "example:\n  sana eval shapes --n-per-category 50 --seed 3000 --out out/eval"
@@ -35,12 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--guidance", type=float, help="classifier-free guidance, <= 1: off (default: the model's, else 4.5)"
     )
-    s.add_argument(
-        "--sampler",
-        choices=SAMPLER_CHOICES,
-        metavar="NAME",  # a metavar keeps argparse from reading the registry (torch) when building the parser
-        help="one of %(choices)s (default: the model folder's scheduler)",
-    )
+    add_sampler_option(s)
     s.add_argument("--height", type=int, help="image height (default: the model's native size)")
     s.add_argument("--width", type=int, help="image width (default: the model's native size)")
     s.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")

@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from sana.cli.options import SAMPLER_CHOICES
+from sana.cli.options import add_sampler_option
 from sana.cli.sharding import batches, launch_from_env, rank_device, shard
 from sana.errors import UserError, read_user_file
 
@@ -36,12 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--guidance", type=float, help="classifier-free guidance scale, <= 1: off (default: the model's, else 4.5)"
     )
-    p.add_argument(
-        "--sampler",
-        choices=SAMPLER_CHOICES,
-        metavar="NAME",  # a metavar keeps argparse from reading the registry (torch) when building the parser
-        help="one of %(choices)s (default: the model folder's scheduler)",
-    )
+    add_sampler_option(p)
     p.add_argument("--height", type=int, help="image height, a multiple of 32 (default: the model's native size)")
     p.add_argument("--width", type=int, help="image width, a multiple of 32 (default: the model's native size)")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (used with guidance > 1)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterator
 
 
@@ -23,3 +24,13 @@ class SamplerChoices:
 
 
 SAMPLER_CHOICES = SamplerChoices()
+
+
+def add_sampler_option(parser: argparse.ArgumentParser) -> None:
+    """`--sampler NAME`, one of the registry's names (default: the model folder's scheduler)."""
+    parser.add_argument(
+        "--sampler",
+        choices=SAMPLER_CHOICES,
+        metavar="NAME",  # a metavar keeps argparse from reading the registry (torch) when building the parser
+        help="one of %(choices)s (default: the model folder's scheduler)",
+    )

@@ -264,18 +264,12 @@ def create_app(
         data = await read_json(request, max_body_bytes)
         try:
             work = resolve(parse_body(data), defaults, limits)
-            pipe.plan(
+            pipe.plan(  # the engine's call, checked without model work
                 [work.prompt] * work.n,
                 negative_prompt=work.negative_prompt,
                 seed=list(work.seeds),
-                height=work.height,
-                width=work.width,
-                steps=work.steps,
-                guidance_scale=work.guidance_scale,
-                sampler=work.sampler,
-                pag_scale=work.pag_scale,
+                **batch_key(work).settings(),
                 images_per_prompt=1,
-                use_resolution_binning=True,
             )
         except RequestError as e:
             raise ApiError(e.status, e.message, param=e.param, kind="validation") from None
@@ -284,7 +278,7 @@ def create_app(
         return work
 
     def submit(work: Resolved) -> Job:
-        key = BatchKey(work.height, work.width, work.steps, work.sampler, work.guidance_scale, work.pag_scale)
+        key = batch_key(work)
         specs = [ImageSpec(work.prompt, work.negative_prompt, seed) for seed in work.seeds]
         try:
             return engine.submit(key, specs, work.output_format)
@@ -513,6 +507,11 @@ async def with_keepalive(events: AsyncIterator[dict], seconds: float) -> AsyncIt
             pending.cancel()
             await asyncio.gather(pending, return_exceptions=True)
         await iterator.aclose()
+
+
+def batch_key(work: Resolved) -> BatchKey:
+    """What a request's images share with others in a batch."""
+    return BatchKey(work.height, work.width, work.steps, work.sampler, work.guidance_scale, work.pag_scale)
 
 
 class Gate:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -80,7 +81,7 @@ class ImageSpec:
 
 @dataclass(frozen=True)
 class BatchKey:
-    """Images with equal keys can share a forward pass."""
+    """Images with equal keys can share a forward pass. The field names are the pipeline's keyword arguments."""
 
     height: int
     width: int
@@ -88,6 +89,10 @@ class BatchKey:
     sampler: str
     guidance_scale: float
     pag_scale: float
+
+    def settings(self) -> dict[str, Any]:
+        """The keyword arguments of the pipeline call these images share."""
+        return dataclasses.asdict(self)
 
 
 class QueueFull(Exception):
@@ -509,12 +514,7 @@ class Engine:
                 [spec.prompt for spec in specs],
                 negative_prompt=[spec.negative_prompt for spec in specs],
                 seed=[spec.seed for spec in specs],
-                height=key.height,
-                width=key.width,
-                steps=key.steps,
-                sampler=key.sampler,
-                guidance_scale=key.guidance_scale,
-                pag_scale=key.pag_scale,
+                **key.settings(),
                 images_per_prompt=1,
                 callback=callback,
             )

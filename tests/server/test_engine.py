@@ -97,12 +97,7 @@ def alone(pipe, spec, key):
         spec.prompt,
         negative_prompt=spec.negative_prompt,
         seed=[spec.seed],
-        height=key.height,
-        width=key.width,
-        steps=key.steps,
-        sampler=key.sampler,
-        guidance_scale=key.guidance_scale,
-        pag_scale=key.pag_scale,
+        **key.settings(),
     )
     return np.asarray(image, dtype=np.int16)
 

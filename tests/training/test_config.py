@@ -147,10 +147,10 @@ def test_base_include_merges_mappings_and_replaces_other_values(tmp_path):
 
 
 def test_base_include_chains_and_resolves_paths_from_the_including_file(tmp_path, monkeypatch):
-    # run.yaml -> shared/mid.yaml -> shared/deeper/root.yaml: each base path is relative to its own file.
-    _write(tmp_path / "shared" / "deeper" / "root.yaml", {**MINIMAL, "seed": 1, "optim": {"lr": 1.0e-3}})
-    _write(tmp_path / "shared" / "mid.yaml", {"base": "deeper/root.yaml", "seed": 2, "ema": {"decay": 0.99}})
-    run = _write(tmp_path / "runs" / "run.yaml", {"base": "../shared/mid.yaml", "ema": {"enabled": False}})
+    # run.yaml -> common/mid.yaml -> common/deeper/root.yaml: each base path is relative to its own file.
+    _write(tmp_path / "common" / "deeper" / "root.yaml", {**MINIMAL, "seed": 1, "optim": {"lr": 1.0e-3}})
+    _write(tmp_path / "common" / "mid.yaml", {"base": "deeper/root.yaml", "seed": 2, "ema": {"decay": 0.99}})
+    run = _write(tmp_path / "runs" / "run.yaml", {"base": "../common/mid.yaml", "ema": {"enabled": False}})
     cfg = load_train_config(run)
     assert cfg.seed == 2 and cfg.optim.lr == 1e-3 and cfg.max_steps == MINIMAL["max_steps"]
     assert cfg.ema.decay == 0.99 and cfg.ema.enabled is False
