@@ -9,6 +9,7 @@ CLI, a server, ComfyUI nodes and image conditioning can compose differently.
                       to the schedule's first time
     dit_model + guided_velocity     the velocity function: a DiT bound to a compute placement, under
                       classifier-free and perturbed-attention guidance over a `Conditioning`
+    controlled_model  a DiT steered by a ControlNet reading the control latent in `Conditioning.control`
     SAMPLERS[...].run the sampler over the schedule
     decode_latents    latents -> images in [-1, 1] at the requested size
 
@@ -19,15 +20,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from sana.aspect_ratios import TABLES_BY_RESOLUTION, nearest_bucket, resize_and_center_crop
 from sana.errors import UserError
+from sana.image_input import ImageSource, image_tensor, mask_tensor
+from sana.models.controlnet import SanaControlNet
 from sana.models.dcae import DCAE
-from sana.models.dcae_tiling import DEFAULT_TILE, check_tile
+from sana.models.dcae_tiling import DEFAULT_TILE, check_tile, choose_tile
 from sana.models.dit import SanaDiT
 from sana.samplers import Schedule, check_sampler
 from sana.samplers.guidance import ConditionedModel, uses_guidance
@@ -35,25 +38,38 @@ from sana.types import Conditioning
 
 SIZE_MULTIPLE = 32  # what the reference accepts; also a multiple of every DC-AE compression we ship
 
-# Automatic tiled decoding (vae_tile="auto"): images with a side above this many pixels are decoded in tiles of
-# DEFAULT_TILE latents (768 px with the 32x DC-AE). Tiling gives the same image up to float rounding and
-# bounds the decoder's memory by a tile instead of the image area (an untiled 4096x4096 decode needs tens of
-# GB); below the threshold one untiled pass is a little faster.
+# Automatic tiled decoding (vae_tile="auto") is memory-aware: the decode runs in one pass when its estimated
+# peak fits in the memory free on the device at decode time (`Placement.headroom`: under --max-memory if set;
+# on the CPU at most a quarter of the RAM), else in tiles (`sana.models.dcae_tiling.choose_tile`). Tiling gives
+# the same image up to float rounding and bounds the decoder's memory by a tile instead of the image area; one
+# pass is a little faster. Where the device cannot say how much is free (and no budget is given), images with
+# a side above AUTO_TILE_ABOVE_PX are tiled, as before.
 AUTO_TILE_ABOVE_PX = 2048
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
 
 
-def vae_tile_for(vae_tile: int | str | None, height: int, width: int) -> int | None:
-    """The DC-AE tile size (latents) to decode a height x width image with, or None for one pass.
-
-    vae_tile: "auto" (tile only above AUTO_TILE_ABOVE_PX on either side), None (never tile) or a tile size.
-    """
-    if vae_tile == "auto":
-        return DEFAULT_TILE if max(height, width) > AUTO_TILE_ABOVE_PX else None
-    if vae_tile is not None:
+def check_vae_tile(vae_tile: int | str | None) -> int | str | None:
+    """A call's vae_tile, checked: "auto", None (never tile) or a positive tile size in latents."""
+    if vae_tile not in ("auto", None):
         check_tile(vae_tile)
     return vae_tile
+
+
+def vae_tile_for(
+    vae_tile: int | str | None, vae: DCAE, batch: int, height: int, width: int, headroom: int | None
+) -> int | None:
+    """The DC-AE tile size (latents) to decode `batch` images of height x width pixels with, or None for one pass.
+
+    vae_tile: an explicit tile size or None (never tile) is kept; "auto" decodes in one pass when the estimated
+    peak fits in `headroom` bytes, else in the largest tile that fits (`choose_tile`; docs/low-memory.md).
+    headroom None (unknown): tile above AUTO_TILE_ABOVE_PX on either side.
+    """
+    if vae_tile != "auto":
+        return check_vae_tile(vae_tile)
+    if headroom is None:
+        return DEFAULT_TILE if max(height, width) > AUTO_TILE_ABOVE_PX else None
+    return choose_tile(vae.decoder, vae.config, batch, height, width, headroom)
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -159,7 +175,13 @@ class Plan:
     sample_size: tuple[int, int]  # (h, w) the DiT samples at: the aspect-ratio bucket, or the request itself
     latent_shape: tuple[int, int, int]  # (C, h, w)
     cfg: bool  # classifier-free guidance runs: scale > 1 and the model does not embed the scale
-    tile: int | None  # DC-AE decode tile, None: one pass
+    tile: int | str | None  # DC-AE decode tile, None: one pass, "auto": chosen at decode time (vae_tile_for)
+    # img2img and inpainting (see `image_inputs`): the input image and repaint mask of every image, fitted
+    # to the requested (height, width); the strength; one line per input that had to be resized.
+    strength: float = 1.0
+    image: torch.Tensor | None = field(default=None, compare=False, repr=False)  # (n, 3, H, W) in [-1, 1]
+    mask: torch.Tensor | None = field(default=None, compare=False, repr=False)  # (n, 1, H, W), 1 = repaint
+    notes: tuple[str, ...] = ()
 
     @property
     def n(self) -> int:
@@ -169,6 +191,9 @@ class Plan:
         """The parameters stored in each image (PNG text chunks)."""
         s = self.settings
         seeds = list(self.seed) if isinstance(self.seed, tuple) else [self.seed] * self.n
+        conditioning = (
+            {} if self.image is None else {"strength": self.strength, "inpainting": self.mask is not None}
+        )
         return [
             {
                 "prompt": self.prompts[i // s.images_per_prompt],
@@ -182,6 +207,7 @@ class Plan:
                 "height": s.height,
                 "width": s.width,
                 "instruction": instruction,
+                **conditioning,
             }
             for i in range(self.n)
         ]
@@ -203,9 +229,12 @@ def plan_request(
     pag_scale: float = 0.0,
     pag_layers: Sequence[int] = (0,),
     vae_tile: int | str | None = "auto",
+    image: ImageSource | Sequence[ImageSource] | None = None,
+    strength: float = 1.0,
+    mask_image: ImageSource | Sequence[ImageSource] | None = None,
 ) -> Plan:
     """Validate a call's arguments into a Plan; None takes the model's default. Raises UserError, never starts
-    model work."""
+    model work. image, strength, mask_image: see `image_inputs`."""
     prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
     negatives = (negative_prompt,) * len(prompts) if isinstance(negative_prompt, str) else tuple(negative_prompt)
     if not prompts or len(negatives) != len(prompts):
@@ -225,7 +254,7 @@ def plan_request(
     )
     table = TABLES_BY_RESOLUTION.get(model.default_size) if use_resolution_binning else None
     h, w = nearest_bucket(settings.height, settings.width, table) if table else (settings.height, settings.width)
-    tile = vae_tile_for(vae_tile, h, w)
+    tile = check_vae_tile(vae_tile)
     f = model.compression
     if h % f or w % f:
         raise UserError(f"size {h}x{w} is not a multiple of the autoencoder's {f}x compression")
@@ -234,6 +263,7 @@ def plan_request(
         seed = tuple(int(s) for s in seed)
         if len(seed) != n:
             raise UserError(f"got {len(seed)} seeds for {n} images")
+    inputs = image_inputs(image, strength, mask_image, len(prompts), images_per_prompt, settings)
     return Plan(
         settings=settings,
         prompts=prompts,
@@ -243,7 +273,54 @@ def plan_request(
         latent_shape=(model.latent_channels, h // f, w // f),
         cfg=uses_guidance(settings.guidance_scale) and not model.guidance_embeds,
         tile=tile,
+        **inputs,
     )
+
+
+# The strength `sana generate --image` and the server's image edits use when none is given and there is no
+# mask: enough to change the picture, little enough to keep its layout (diffusers' Sana-Sprint img2img default).
+IMG2IMG_STRENGTH = 0.6
+
+
+def image_inputs(
+    image: ImageSource | Sequence[ImageSource] | None,
+    strength: float,
+    mask_image: ImageSource | Sequence[ImageSource] | None,
+    prompts: int,
+    images_per_prompt: int,
+    settings: GenerationSettings,
+) -> dict[str, Any]:
+    """The img2img / inpainting fields of a Plan, read and checked: `image` (one, or one per prompt: a path,
+    image bytes, a PIL image or a tensor, see sana.image_input) fitted to the requested size, `strength` in
+    (0, 1] (the share of the schedule that runs: ceil(strength x steps) steps), `mask_image` (white = repaint;
+    needs an image; one, or one per prompt, where None repaints everywhere). One-line UserErrors for an
+    unreadable file, a strength outside (0, 1], a mask without an image or a count that is neither 1 nor one
+    per prompt."""
+    if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0 < strength <= 1:
+        raise UserError(f"strength must be a number in (0, 1], got {strength!r}")
+    if image is None:
+        if mask_image is not None:
+            raise UserError("a mask needs an image to repaint: pass the image too (--image)")
+        if strength != 1:
+            raise UserError(f"strength {strength} needs an input image (img2img): pass one (--image)")
+        return {}
+    if isinstance(mask_image, list | tuple):  # a None entry repaints its image everywhere (a server batch)
+        full = torch.ones(1, 1, settings.height, settings.width)
+        mask_image = [full if m is None else m for m in mask_image]
+    per_image = []
+    notes = []
+    for source, read, what in ((image, image_tensor, "image"), (mask_image, mask_tensor, "mask")):
+        if source is None:
+            per_image.append(None)
+            continue
+        fitted = read(source, settings.height, settings.width, what)
+        rows = fitted.tensor
+        if rows.shape[0] not in (1, prompts):
+            raise UserError(f"got {rows.shape[0]} {what}s for {prompts} prompts: give 1, or 1 per prompt")
+        per_image.append(rows.repeat_interleave(prompts * images_per_prompt // rows.shape[0], dim=0))
+        if fitted.resized:
+            notes.append(fitted.note(what))
+    return {"strength": float(strength), "image": per_image[0], "mask": per_image[1], "notes": tuple(notes)}
 
 
 # ---------------------------------------------------------------------------------------- noise and times
@@ -290,7 +367,11 @@ def start_latents(
 
     Without `init`: the noise itself, over the whole schedule (text to image). With an initial latent `init`
     (normalised, as the DC-AE encodes): the last ceil(strength * steps) steps of the schedule, starting from
-    `init` noised to the first of them with this noise (image to image).
+    `init` noised to the first of them with this noise (image to image). When that is the whole schedule
+    (strength 1, or a strength whose steps round up to all of them) the start is the noise itself, as for
+    text to image: the first time is where text to image starts from pure noise (sigma 0.9997 for
+    Flow-DPM-Solver, an angle just above pi/2 for sCM), and the image's trace there (3e-4 of it) only
+    perturbs the text-to-image picture, which few-step samplers amplify into a different picture.
     """
     if init is None:
         if strength != 1.0:
@@ -298,8 +379,10 @@ def start_latents(
         return noise, schedule
     if init.shape != noise.shape:
         raise UserError(f"initial latents {tuple(init.shape)} do not match the noise {tuple(noise.shape)}")
-    schedule = schedule.for_strength(strength)
-    return schedule.noised(init.to(noise.device), noise), schedule
+    kept = schedule.for_strength(strength)
+    if kept.steps == schedule.steps:
+        return noise, kept
+    return kept.noised(init.to(noise.device), noise), kept
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -315,15 +398,39 @@ def dit_model(transformer: SanaDiT, device: torch.device, dtype: torch.dtype) ->
     return model
 
 
+def controlled_model(
+    model: ConditionedModel, controlnet: SanaControlNet, scale: float, device: torch.device, dtype: torch.dtype
+) -> ConditionedModel:
+    """`model` steered by a ControlNet: each call runs the ControlNet on the same (x, t, cond), reading the control
+    latent from `cond.control`, and calls `model` with the residuals times `scale` in `cond.residuals`. Guidance
+    stacks `cond.control` with the other fields, so every branch gets its rows' control latent, as in diffusers.
+    At scale 0 the ControlNet is skipped: its residuals would be exact zeros."""
+
+    def controlled(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        if cond.control is None:
+            raise ValueError("a ControlNet-steered model needs the control latent in cond.control")
+        residuals = ()
+        if scale != 0:
+            residuals = controlnet(x.to(dtype), t.to(device, torch.float32), cond, cond.control.to(dtype), scale)
+        return model(x, t, replace(cond, residuals=residuals, control=None))
+
+    return controlled
+
+
 def sprint_guidance(plan: Plan, guidance_embeds_scale: float, device: torch.device) -> torch.Tensor:
     """(B,) the value a guidance-embedding model sees: the guidance scale times its embedding scale."""
     return torch.full((plan.n,), plan.settings.guidance_scale * guidance_embeds_scale, device=device)
 
 
-def decode_latents(vae: DCAE, latents: torch.Tensor, plan: Plan, dtype: torch.dtype) -> torch.Tensor:
-    """(B, 3, height, width) float32 images in [-1, 1]: decoded (tiled as planned), then resized from the
-    aspect-ratio bucket to the requested size."""
-    images = vae.decode(latents.to(dtype), tile=plan.tile).float()  # (B, 3, h, w)
+def decode_latents(
+    vae: DCAE, latents: torch.Tensor, plan: Plan, dtype: torch.dtype, headroom: int | None = None
+) -> torch.Tensor:
+    """(B, 3, height, width) float32 images in [-1, 1]: decoded (tiled as planned; "auto" by the memory free,
+    `headroom` bytes, see `vae_tile_for`), then resized from the aspect-ratio bucket to the requested size."""
+    b, _, h, w = latents.shape
+    f = vae.config.spatial_compression
+    tile = vae_tile_for(plan.tile, vae, b, h * f, w * f, headroom)
+    images = vae.decode(latents.to(dtype), tile=tile).float()  # (B, 3, h, w)
     height, width = plan.settings.height, plan.settings.width
     if plan.sample_size != (height, width):
         images = resize_and_center_crop(images, height, width)
@@ -332,13 +439,17 @@ def decode_latents(vae: DCAE, latents: torch.Tensor, plan: Plan, dtype: torch.dt
 
 __all__ = [
     "AUTO_TILE_ABOVE_PX",
+    "IMG2IMG_STRENGTH",
     "OUTPUT_TYPES",
     "GenerationSettings",
     "ModelFacts",
     "Plan",
     "check_settings",
+    "check_vae_tile",
+    "controlled_model",
     "decode_latents",
     "dit_model",
+    "image_inputs",
     "initial_noise",
     "model_schedule",
     "plan_request",

@@ -17,17 +17,22 @@ What may run at the same time on one instance (a server shares one):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from sana.aspect_ratios import resize_and_center_crop
 from sana.errors import UserError
 from sana.generation import (
     OUTPUT_TYPES,
     ModelFacts,
     Plan,
+    controlled_model,
     decode_latents,
     dit_model,
     initial_noise,
@@ -37,8 +42,11 @@ from sana.generation import (
     sprint_guidance,
     start_latents,
 )
+from sana.image_input import ImageSource, image_tensor
 from sana.images import to_pil
+from sana.inpainting import composite, hold_kept_region, latent_keep
 from sana.lora import MergedLoRA
+from sana.models.controlnet import SanaControlNet
 from sana.models.dcae import DCAE
 from sana.models.dit import SanaDiT
 from sana.models.text_encoder import TextEncoder
@@ -60,11 +68,15 @@ class SanaPipeline:
         text_encoder: TextEncoder,
         scheduler: SchedulerSpec | None = None,
         *,
+        controlnet: SanaControlNet | None = None,
         placement: Placement | None = None,
     ) -> None:
         """placement: where the models run; None: everything resident where the transformer's weights are,
         computing in their dtype and decoding in the autoencoder's (right for models built in place, as in
-        tests and training's validation; loaders pass a placement explicitly)."""
+        tests and training's validation; loaders pass a placement explicitly). controlnet: steers the
+        transformer when a call passes a `control_image`; it runs where the transformer runs."""
+        if controlnet is not None:
+            controlnet.config.check_fits(transformer.config)
         # Parts of one model folder that do not fit each other: the folder is wrong, not the code.
         if transformer.config.caption_channels != text_encoder.model.config.hidden_size:
             raise CheckpointError(
@@ -86,6 +98,9 @@ class SanaPipeline:
         self.placement = placement
         for name in ("transformer", "vae", "text_encoder"):
             placement.place(name, getattr(self, name))
+        self.controlnet = controlnet
+        if controlnet is not None:
+            placement.place("transformer", controlnet)
         self.facts = ModelFacts.of(transformer, vae, self.scheduler)
 
     @classmethod
@@ -96,13 +111,46 @@ class SanaPipeline:
         dtype: torch.dtype | str = torch.float32,
         device: torch.device | str = "cpu",
         instruction: InstructionChoice = MODEL_INSTRUCTION,
-        offload: Sequence[str] = (),
+        offload: str | Sequence[str] = (),
+        controlnet: str | Path | None = None,
+        quantize: str | None = None,
+        quantize_text_encoder: str | None = None,
+        max_memory: int | str | None = None,
     ) -> SanaPipeline:
-        """offload: components that rest on the CPU and visit `device` only to run ("text_encoder", the
-        low-memory mode of `sana generate --low-memory`)."""
-        placement = Placement.build(device, parse_dtype(dtype), tuple(offload))  # bad names fail before loading
-        parts = load_components(path_or_id, dtype=dtype, device=device, instruction=instruction)
-        return cls(parts.transformer, parts.vae, parts.text_encoder, parts.scheduler, placement=placement)
+        """offload: "model" (each model on `device` only while it runs), "sequential" (block by block, the least
+        memory), or components that rest on the CPU and move whole to run (("text_encoder",), the low-memory
+        mode of `sana generate --low-memory`); see sana/placement.py. controlnet: a ControlNet folder or Hub id
+        to steer this model with (see `sana.pretrained.controlnet_dir`); without it, the folder's own
+        `controlnet/` if it has one (a SanaControlNetPipeline folder). quantize: the DiT's torchao mode ("w8a8",
+        "int8", "int4"), quantize_text_encoder: the text encoder's ("int8", "int4"); see sana/quantization.py
+        (a folder written by `sana quantize` needs neither). max_memory: bytes (or "8GB") the process may hold
+        on `device`; the autoencoder decodes in tiles to stay under it."""
+        from sana.quantization import check_mode
+
+        # Bad offload names, sizes and modes fail before loading.
+        offload = offload if isinstance(offload, str) else tuple(offload)
+        placement = Placement.build(device, parse_dtype(dtype), offload, max_memory=max_memory)
+        check_mode(quantize, "transformer", placement.device, placement.dtype)
+        check_mode(quantize_text_encoder, "text_encoder", placement.device, placement.dtype)
+        parts = load_components(
+            path_or_id,
+            dtype=dtype,
+            # Components that rest on the CPU are read there: reading them onto the device first could fill it.
+            device="cpu" if isinstance(offload, str) else device,
+            instruction=instruction,
+            controlnet=controlnet,
+            quantize=quantize,
+            quantize_text_encoder=quantize_text_encoder,
+            compute_device=device,
+        )
+        return cls(
+            parts.transformer,
+            parts.vae,
+            parts.text_encoder,
+            parts.scheduler,
+            controlnet=parts.controlnet,
+            placement=placement,
+        )
 
     @property
     def device(self) -> torch.device:
@@ -125,7 +173,13 @@ class SanaPipeline:
         See sana/lora.py.
         """
         from sana.lora import merge_lora, read_lora
+        from sana.quantization import quantization_of
 
+        if quantization_of(self.transformer) is not None:
+            raise UserError(
+                f"cannot merge a LoRA into a DiT quantized to {quantization_of(self.transformer)}: load the model "
+                "unquantized, merge, then quantize (`sana generate --lora ... --quantize ...` does that)"
+            )
         return merge_lora(self.transformer, read_lora(path), scale)
 
     # ------------------------------------------------------------------------------------------- steps
@@ -151,6 +205,50 @@ class SanaPipeline:
 
         return place(cond), None if uncond is None else place(uncond)
 
+    def control_pixels(
+        self, control_image: ImageSource | Sequence[ImageSource] | None, control_scale: float, plan: Plan
+    ) -> torch.Tensor | None:
+        """The control image(s) read and fitted to the sampled size, one (3, h, w) row in [-1, 1] per image of
+        the plan; None without a control image. One-line UserErrors (no ControlNet, an unreadable image, a count
+        that is neither 1 nor one per prompt, a scale that is not a finite number), no model work."""
+        if control_image is None:
+            return None
+        if self.controlnet is None:
+            raise UserError(
+                "a control image needs a ControlNet: load one with controlnet=PATH (sana generate --controlnet), "
+                "or use a model folder that has a controlnet/"
+            )
+        if (
+            not isinstance(control_scale, int | float)
+            or isinstance(control_scale, bool)
+            or not math.isfinite(control_scale)
+        ):
+            raise UserError(f"control scale must be a finite number, got {control_scale!r}")
+        pixels = image_tensor(control_image, *plan.sample_size, what="control image").tensor  # (k, 3, h, w)
+        prompts = len(plan.prompts)
+        if pixels.shape[0] not in (1, prompts):
+            raise UserError(f"got {pixels.shape[0]} control images for {prompts} prompts: give 1 or 1 per prompt")
+        # One per prompt, repeated for its images (prompt-major, as the conditioning is); one for all, repeated.
+        per_image = plan.n // pixels.shape[0]
+        return pixels.repeat_interleave(per_image, dim=0)  # (n, 3, h, w)
+
+    def encode_control(self, pixels: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """(n, C, h, w) the control images' DC-AE latents (scaled as the DiT's latents are), on the compute
+        device in the compute dtype: the ControlNet's `control` input."""
+        dtype = self.placement.decode_dtype
+        with self.placement.use("vae", self.vae) as vae:
+            latent = vae.encode(pixels.to(self.device, dtype))
+        return latent.to(self.dtype)
+
+    def encode_image(self, plan: Plan) -> torch.Tensor | None:
+        """(n, C, h, w) float32 DC-AE latents of the plan's input images (img2img, inpainting), fitted to the
+        sampled size, on the compute device; None when the plan has no image."""
+        if plan.image is None:
+            return None
+        pixels = resize_and_center_crop(plan.image, *plan.sample_size)  # the aspect-ratio bucket, if binned
+        with self.placement.use("vae", self.vae) as vae:
+            return vae.encode(pixels.to(self.device, self.placement.decode_dtype)).float()
+
     # ------------------------------------------------------------------------------------------------ call
 
     @torch.no_grad()
@@ -162,6 +260,8 @@ class SanaPipeline:
         callback: Callback | None = None,
         progress: bool = False,
         output_type: str = "pil",
+        control_image: ImageSource | Sequence[ImageSource] | None = None,
+        control_scale: float = 1.0,
         **settings,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate `images_per_prompt` images for each prompt.
@@ -174,7 +274,14 @@ class SanaPipeline:
         overriding seed. output_type "pil" returns images carrying their parameters; "pt" returns the decoded
         (B, 3, H, W) tensor in [-1, 1]; "latent" the final latents. vae_tile: decode in tiles of this many
         latents (same image, memory bounded by the tile); "auto" tiles images with a side above 2048 px,
-        None never tiles.
+        None never tiles. control_image: steers the image with the pipeline's ControlNet (one image, or one per
+        prompt: a path, PIL image or (B, 3, H, W) tensor in [-1, 1]), fitted to the sampled size; its outputs
+        are multiplied by control_scale (0: the ControlNet adds nothing).
+        image, strength (img2img): start from this image (a path, PIL image, bytes or (B, 3, H, W) tensor in
+        [-1, 1]; one, or one per prompt), fitted to height x width: the last ceil(strength x steps) steps run
+        from its latent noised to their first time. mask_image (inpainting, with image): white repaints,
+        black keeps; the kept region follows the image's noised latent at every step and the decoded picture is
+        composited over the image with a feathered mask (sana/inpainting.py).
         """
         if output_type not in OUTPUT_TYPES:
             raise UserError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
@@ -182,9 +289,15 @@ class SanaPipeline:
         if latents is not None and tuple(latents.shape) != (plan.n, *plan.latent_shape):
             raise UserError(f"latents must have shape {(plan.n, *plan.latent_shape)}, got {tuple(latents.shape)}")
         s = plan.settings
+        control = self.control_pixels(control_image, control_scale, plan)  # user errors before model work
 
         cond, uncond = self.encode(plan)
         model = dit_model(self.transformer, self.device, self.dtype)
+        if control is not None:
+            latent = self.encode_control(control, plan)
+            cond = replace(cond, control=latent)
+            uncond = None if uncond is None else replace(uncond, control=latent)
+            model = controlled_model(model, self.controlnet, float(control_scale), self.device, self.dtype)
         velocity = guided_velocity(
             model, cond, uncond, scale=s.guidance_scale, pag_scale=s.pag_scale, pag_layers=s.pag_layers
         )
@@ -192,13 +305,24 @@ class SanaPipeline:
         generators = seeded_generators(plan.seed, plan.n)
         noise = latents.float() if latents is not None else initial_noise(generators, plan.n, plan.latent_shape)
         schedule = model_schedule(s.sampler, s.steps, self.scheduler, self.transformer)
-        x, schedule = start_latents(schedule, noise.to(self.device))
-        final = SAMPLERS[s.sampler].run(
-            velocity, x, schedule, generator=generators, callback=callback, progress=progress
-        )
+        init = self.encode_image(plan)
+        x, schedule = start_latents(schedule, noise.to(self.device), init, plan.strength)
+        if plan.mask is not None:
+            keep = latent_keep(plan.mask, plan.sample_size, self.facts.compression).to(self.device)
+            callback = hold_kept_region(schedule, init, noise.to(self.device), keep, then=callback)
+        with ExitStack() as using:  # each model on the device while it runs, as its placement policy says
+            using.enter_context(self.placement.use("transformer", self.transformer))
+            if control is not None:
+                using.enter_context(self.placement.use("transformer", self.controlnet))
+            final = SAMPLERS[s.sampler].run(
+                velocity, x, schedule, generator=generators, callback=callback, progress=progress
+            )
         if output_type == "latent":
             return final
-        images = decode_latents(self.vae, final, plan, self.placement.decode_dtype)
+        with self.placement.use("vae", self.vae) as vae:  # tiles when one pass would not fit (see vae_tile_for)
+            images = decode_latents(vae, final, plan, self.placement.decode_dtype, self.placement.headroom())
+        if plan.mask is not None:
+            images = composite(images, plan.image, plan.mask)
         if output_type == "pt":
             return images
         return to_pil(images, plan.image_parameters(instruction=self.text_encoder.instruction is not None))

@@ -2,6 +2,7 @@
 
     model_index.json
     transformer/  config.json + diffusion_pytorch_model.safetensors   (SanaDiT)
+    controlnet/   optional, the same files                           (SanaControlNet; SanaControlNetPipeline)
     vae/          config.json + diffusion_pytorch_model.safetensors   (DCAE)
     text_encoder/ a transformers Gemma-2 decoder folder
     tokenizer/    a transformers tokenizer folder
@@ -34,12 +35,14 @@ from typing import Any
 
 import torch
 
-from sana.config import ConfigError, read_json
+from sana.config import ConfigError, read_config, read_json
 from sana.errors import RuntimeFailure, UserError
+from sana.models.controlnet import SanaControlNet
 from sana.models.dcae import DCAE
-from sana.models.dit import SanaDiT
+from sana.models.dit import DiTConfig, SanaDiT
 from sana.models.text_encoder import DEFAULT_INSTRUCTION, TextEncoder
-from sana.weights import CheckpointError, load_model, parse_dtype, save_model, write_json
+from sana.quantization import load_text_model, load_transformer, text_encoder_from
+from sana.weights import CONFIG_NAME, CheckpointError, load_model, parse_dtype, save_model, write_json
 
 # The scheduler config of the published Sana 1.0 folders (DPM-Solver++ 2M on flow sigmas).
 _DPM_SCHEDULER = {
@@ -145,6 +148,7 @@ class SanaComponents:
     vae: DCAE | None = None
     text_encoder: TextEncoder | None = None
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    controlnet: SanaControlNet | None = None
 
 
 PARTS = ("transformer", "vae", "text_encoder")
@@ -247,9 +251,21 @@ def load_components(
     device: torch.device | str = "cpu",
     parts: tuple[str, ...] = PARTS,
     instruction: InstructionChoice = MODEL_INSTRUCTION,
+    controlnet: str | Path | None = None,
+    quantize: str | None = None,
+    quantize_text_encoder: str | None = None,
+    compute_device: torch.device | str | None = None,
 ) -> SanaComponents:
     """Load the requested parts of a model folder (local path or Hub id) in `dtype` on `device`; the text
-    encoder prefixes `instruction` (by default the folder's own, see `model_instruction`)."""
+    encoder prefixes `instruction` (by default the folder's own, see `model_instruction`).
+
+    quantize / quantize_text_encoder: torchao modes for the DiT / the text encoder (`sana.quantization`),
+    applied while reading; a folder written by `sana quantize` loads as it was quantized. Quantized parts rest
+    on the CPU (int4 packs on `compute_device`, default `device`).
+
+    With the transformer comes a ControlNet: `controlnet` (a folder or Hub id, see `controlnet_dir`) if given,
+    else the folder's own `controlnet/` if its model_index.json lists one. Its config is checked against the
+    transformer's before any weight is read (a one-line ConfigError naming the field that differs)."""
     bad = sorted(set(parts) - set(PARTS))
     if bad:
         raise ValueError(f"unknown part(s) {bad}; choose from {PARTS}")
@@ -259,18 +275,54 @@ def load_components(
     for part in parts:
         if part not in index:
             raise CheckpointError(f"{root}/model_index.json lists no {part}")
+    control_dir = None
+    if "transformer" in parts and (controlnet is not None or "controlnet" in index):
+        control_dir = controlnet_dir(controlnet if controlnet is not None else root / "controlnet")
+        check_controlnet_fits(control_dir, root / "transformer")
     out = SanaComponents(scheduler=_read_scheduler(root))
     if "transformer" in parts:
-        out.transformer = load_model(SanaDiT, root / "transformer", dtype=dtype, device=device)
+        out.transformer = load_transformer(
+            root, dtype=dtype, device=device, quantize=quantize, compute_device=compute_device
+        )
+    if control_dir is not None:
+        out.controlnet = load_model(SanaControlNet, control_dir, dtype=dtype, device=device)
     if "vae" in parts:
         out.vae = load_model(DCAE, root / "vae", dtype=dtype, device=device)
     if instruction is MODEL_INSTRUCTION:
         instruction = model_instruction(root)
+    text_model = None
     if "text_encoder" in parts:
+        text_model = load_text_model(
+            root, dtype=dtype, compute_device=compute_device or device, quantize=quantize_text_encoder
+        )
+    if text_model is not None:
+        out.text_encoder = text_encoder_from(text_model, root / "tokenizer", instruction)
+    elif "text_encoder" in parts:
         out.text_encoder = TextEncoder.from_pretrained(
             root / "text_encoder", root / "tokenizer", dtype=dtype, device=device, instruction=instruction
         )
     return out
+
+
+def controlnet_dir(path_or_id: str | Path) -> Path:
+    """The ControlNet component folder of `path_or_id` (a local folder or Hub id): the folder itself when it holds
+    a SanaControlNetModel's config.json, else its `controlnet/` (a pipeline folder as diffusers saves
+    SanaControlNetPipeline, or what `sana convert` writes from an NVlabs ControlNet checkpoint)."""
+    root = resolve_model_dir(path_or_id)
+    for folder in (root, root / "controlnet"):
+        config = folder / CONFIG_NAME
+        if config.is_file() and read_json(config).get("_class_name") == SanaControlNet.diffusers_class_name:
+            return folder
+    raise CheckpointError(
+        f"{path_or_id} is not a Sana ControlNet: neither it nor its controlnet/ holds a config.json of a "
+        f"{SanaControlNet.diffusers_class_name}"
+    )
+
+
+def check_controlnet_fits(control_dir: Path, transformer_dir: Path) -> None:
+    """A one-line ConfigError, from the two config files alone, if the ControlNet cannot steer the transformer."""
+    config = read_config(SanaControlNet.config_class, control_dir / CONFIG_NAME)
+    config.check_fits(read_config(DiTConfig, transformer_dir / CONFIG_NAME))
 
 
 def _read_scheduler(root: Path) -> SchedulerSpec:
@@ -304,6 +356,8 @@ def save_components(components: SanaComponents, folder: str | Path, *, dtype: to
     save_model(components.transformer, folder / "transformer", dtype=dtype)
     save_model(components.vae, folder / "vae", dtype=dtype)
     save_text_encoder(components.text_encoder, folder)
+    if components.controlnet is not None:
+        save_model(components.controlnet, folder / "controlnet", dtype=dtype)
     write_json(folder / "scheduler" / "scheduler_config.json", components.scheduler.to_dict())
     write_sampling(folder, components.scheduler)
     write_json(folder / "model_index.json", model_index(components))
@@ -332,8 +386,14 @@ def save_text_encoder(text_encoder: TextEncoder, folder: Path) -> None:
 
 def model_index(components: SanaComponents) -> dict[str, Any]:
     scheduler = components.scheduler.to_dict()["_class_name"]
+    pipeline = "SanaSprintPipeline" if components.scheduler.sampler == "scm" else "SanaPipeline"
+    extra = {}
+    if components.controlnet is not None:
+        pipeline = "SanaControlNetPipeline"
+        extra["controlnet"] = ["diffusers", components.controlnet.diffusers_class_name]
     return {
-        "_class_name": "SanaSprintPipeline" if components.scheduler.sampler == "scm" else "SanaPipeline",
+        "_class_name": pipeline,
+        **extra,
         "_diffusers_version": "0.42.1",
         "scheduler": ["diffusers", scheduler],
         "text_encoder": ["transformers", _transformers_name(components.text_encoder.model)],

@@ -64,6 +64,8 @@ class Conditioning:
     perturbation  rows whose self-attention is perturbed, and in which blocks (PAG); None: no row is
     residuals     per-block additions to the token stream, (B, N, C) each: residuals[k] is added to the tokens
                   after block k + 1 (the first block's output receives none), diffusers' ControlNet convention
+    control       (B, C, h, w) a ControlNet's input, the control image's latent; None without one. The DiT
+                  never reads it: a ControlNet turns it into `residuals` (generation.controlled_model)
 
     Guidance runs several conditionings in one batch; `stack` concatenates them field by field, so a new
     field only needs its case there and the branch order is decided in one place (samplers/guidance.py).
@@ -73,6 +75,7 @@ class Conditioning:
     guidance: torch.Tensor | None = None
     perturbation: AttentionPerturbation | None = None
     residuals: tuple[torch.Tensor, ...] = ()
+    control: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = len(self.text)
@@ -82,12 +85,15 @@ class Conditioning:
             raise ValueError(f"perturbation rows must be ({n},), got {tuple(self.perturbation.rows.shape)}")
         if any(r.ndim != 3 or r.shape[0] != n for r in self.residuals):
             raise ValueError(f"residuals must be (B={n}, N, C) tensors")
+        if self.control is not None and (self.control.ndim != 4 or self.control.shape[0] != n):
+            raise ValueError(f"control must be a (B={n}, C, h, w) latent, got {tuple(self.control.shape)}")
 
     def __len__(self) -> int:
         return len(self.text)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
-        """On `device`; text states and residuals in `dtype` (masks, rows and the guidance value keep theirs)."""
+        """On `device`; text states, residuals and the control latent in `dtype` (masks, rows and the guidance
+        value keep theirs)."""
         perturbation = self.perturbation
         if perturbation is not None:
             perturbation = replace(perturbation, rows=perturbation.rows.to(device))
@@ -96,6 +102,7 @@ class Conditioning:
             None if self.guidance is None else self.guidance.to(device),
             perturbation,
             tuple(r.to(device=device, dtype=dtype) for r in self.residuals),
+            None if self.control is None else self.control.to(device=device, dtype=dtype),
         )
 
     def perturbed(self, blocks: Sequence[int]) -> Conditioning:
@@ -106,7 +113,8 @@ class Conditioning:
     @staticmethod
     def stack(branches: Sequence[Conditioning]) -> Conditioning:
         """Concatenate branches along the batch, every field: text (padded to the longest, mask 0), guidance,
-        the perturbed rows (False for a branch without perturbation) and each block's residual."""
+        the perturbed rows (False for a branch without perturbation), each block's residual and the control
+        latent (the pipeline gives every branch the same control image, as diffusers' ControlNet pipeline does)."""
         if not branches:
             raise ValueError("need at least one conditioning to stack")
         if len(branches) == 1:
@@ -129,11 +137,15 @@ class Conditioning:
         depth = {len(b.residuals) for b in branches}
         if len(depth) > 1:
             raise ValueError(f"branches carry different numbers of residuals: {sorted(depth)}")
+        controls = [b.control for b in branches]
+        if any(c is None for c in controls) and any(c is not None for c in controls):
+            raise ValueError("either every branch has a control latent or none has")
         return Conditioning(
             TextEmbeddings.cat([b.text for b in branches]),
             None if guidance[0] is None else torch.cat(guidance),
             perturbation,
             tuple(torch.cat(level) for level in zip(*(b.residuals for b in branches), strict=True)),
+            None if controls[0] is None else torch.cat(controls),
         )
 
 

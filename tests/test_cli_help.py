@@ -145,7 +145,7 @@ def test_version(capsys):
 @pytest.mark.parametrize(
     "argv, prog, flag",
     [
-        (["generate", "x", "--image", "a.png"], "sana generate", "--image"),  # not --images-per-prompt
+        (["generate", "x", "--images", "2"], "sana generate", "--images"),  # not --images-per-prompt
         (["generate", "x", "--neg", "dark"], "sana generate", "--neg"),
         (["serve", "--max-b", "2"], "sana serve", "--max-b"),
         (["data", "shapes", "--n", "1", "--out", "x", "--over"], "sana data shapes", "--over"),

@@ -107,3 +107,138 @@ def test_unknown_keys_and_unsafe_pickles_are_refused(tmp_path):
         read_original_checkpoint(path)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         read_original_checkpoint(tmp_path / "missing.pth")
+
+
+# ------------------------------------------------------------------------------------------- ControlNets
+
+
+def to_original_controlnet(base, controlnet, with_base: bool = True) -> dict[str, torch.Tensor]:
+    """A ControlNet and its base written as the original code saves its `SanaMSControlNet`: the base's keys (the
+    embedders shared), `controlnet.{i}.copied_block.*` in the base's block names, `before_proj`, `after_proj`."""
+    state, base_state = controlnet.state_dict(), base.state_dict()
+    head = {k: base_state[k] for k in ("scale_shift_table", "proj_out.weight", "proj_out.bias")}
+    copied = to_original({**state, **head}, controlnet.config.num_layers)  # the copied blocks in original names
+    out = to_original(base_state, base.config.num_layers if with_base else 0)
+    if not with_base:  # only the embedders the ControlNet shares
+        out = {k: v for k, v in out.items() if not k.startswith("final_layer.")}
+    for key, value in copied.items():
+        if key.startswith("blocks."):
+            i, rest = key.removeprefix("blocks.").split(".", 1)
+            out[f"controlnet.{i}.copied_block.{rest}"] = value
+    for leaf in ("weight", "bias"):
+        out[f"controlnet.0.before_proj.{leaf}"] = state[f"input_block.{leaf}"]
+        for i in range(controlnet.config.num_layers):
+            out[f"controlnet.{i}.after_proj.{leaf}"] = state[f"controlnet_blocks.{i}.{leaf}"]
+    return out
+
+
+def _controlnet_pair(seed: int = 0):
+    """A random 3-block tiny base and a 2-block ControlNet sharing its embedders (as the original's does)."""
+    from sana.models.controlnet import SanaControlNet
+
+    g = torch.Generator().manual_seed(seed)
+    base = SanaDiT(dataclasses.replace(DIT_PRESETS["tiny"], num_layers=3))
+    with torch.no_grad():  # moderate activations, so the ControlNet's part is not lost in the base's
+        for p in base.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    controlnet = SanaControlNet.from_transformer(base, 2)
+    with torch.no_grad():
+        for name, p in controlnet.named_parameters():
+            if name.startswith(("transformer_blocks.", "input_block.", "controlnet_blocks.")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return base.eval(), controlnet.eval()
+
+
+def test_convert_controlnet_recovers_every_tensor(tmp_path):
+    from sana.convert import convert_controlnet_checkpoint, convert_controlnet_state_dict
+
+    base, controlnet = _controlnet_pair()
+    original = to_original_controlnet(base, controlnet)
+    state, base_state = convert_controlnet_state_dict(original)
+    assert state.keys() == controlnet.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in controlnet.state_dict().items())
+    assert base_state.keys() == base.state_dict().keys()
+    torch.save({"state_dict": original}, tmp_path / "cn.pth")
+    loaded, loaded_base = convert_controlnet_checkpoint(tmp_path / "cn.pth", preset=base.config)
+    assert loaded.config == controlnet.config and loaded_base.config == base.config
+    # Without the base's blocks the file still gives the ControlNet.
+    torch.save(to_original_controlnet(base, controlnet, with_base=False), tmp_path / "alone.pth")
+    alone, none = convert_controlnet_checkpoint(tmp_path / "alone.pth", preset=base.config)
+    assert none is None and all(torch.equal(alone.state_dict()[k], v) for k, v in controlnet.state_dict().items())
+    with pytest.raises(CheckpointError, match="is a ControlNet checkpoint"):
+        convert_checkpoint(tmp_path / "cn.pth")
+    original["controlnet.1.before_proj.weight"] = torch.zeros(1)
+    with pytest.raises(
+        CheckpointError, match=r"unknown keys in original ControlNet checkpoint: controlnet.1.before"
+    ):
+        convert_controlnet_state_dict(original)
+
+
+def test_converted_controlnet_folder_runs_in_diffusers_as_the_models_it_came_from(tmp_path, capsys):
+    """Property: `sana convert` on the original layout writes folders that diffusers loads, and diffusers'
+    ControlNet + transformer on them give the output of the models the checkpoint was written from."""
+    diffusers = pytest.importorskip("diffusers")
+    from sana.cli.main import main
+    from sana.generation import controlled_model, dit_model
+    from sana.pretrained import save_components
+    from sana.tiny import tiny_components
+    from sana.types import Conditioning, TextEmbeddings
+
+    base, controlnet = _controlnet_pair(seed=1)
+    parts = tiny_components(seed=0)  # a folder whose transformer has the base's config: what --base reads
+    parts.transformer = _random_model(base.config)
+    save_components(parts, tmp_path / "base")
+    torch.save({"state_dict": to_original_controlnet(base, controlnet)}, tmp_path / "cn.pth")
+    assert (
+        main(["convert", str(tmp_path / "cn.pth"), str(tmp_path / "out"), "--base", str(tmp_path / "base")]) == 0
+    )
+    assert "wrote a complete model folder" in capsys.readouterr().out
+    theirs_cn = diffusers.SanaControlNetModel.from_pretrained(tmp_path / "out" / "controlnet").eval()
+    theirs = diffusers.SanaTransformer2DModel.from_pretrained(tmp_path / "out" / "transformer").eval()
+
+    g = torch.Generator().manual_seed(3)
+    x, control = torch.randn(2, 4, 8, 12, generator=g), torch.randn(2, 4, 8, 12, generator=g)
+    hidden, mask = torch.randn(2, 5, 8, generator=g), torch.tensor([[1] * 5, [1, 1, 0, 0, 0]])
+    t = torch.tensor([700.0, 20.0])
+    with torch.no_grad():
+        samples = theirs_cn(x, hidden, t, control, 0.8, encoder_attention_mask=mask, return_dict=False)[0]
+        ref = theirs(x, hidden, t, encoder_attention_mask=mask, controlnet_block_samples=tuple(samples)).sample
+        model = controlled_model(dit_model(base, torch.device("cpu"), torch.float32), controlnet, 0.8,
+                                 torch.device("cpu"), torch.float32)  # fmt: skip
+        out = model(x, t, Conditioning(TextEmbeddings(hidden, mask), control=control))
+        plain = base(x, t, Conditioning(TextEmbeddings(hidden, mask)))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert (out - plain).abs().max() > 0.1 * ref.abs().max()  # the ControlNet matters
+
+
+def test_convert_a_controlnet_onto_a_base_folder(tmp_path, capsys):
+    """A ControlNet file without its base, with --base: a complete SanaControlNetPipeline folder; a base it does
+    not fit is a one-line error naming the field, and nothing is written."""
+    diffusers = pytest.importorskip("diffusers")
+    from sana.cli.main import main
+    from sana.models.controlnet import SanaControlNet
+    from sana.models.dit import SanaDiT
+    from sana.pretrained import save_components
+    from sana.tiny import tiny_components
+
+    parts = tiny_components(seed=0)
+    parts.transformer = _random_model(dataclasses.replace(parts.transformer.config, num_layers=3)).eval()
+    save_components(parts, tmp_path / "base")
+    controlnet = SanaControlNet.from_transformer(parts.transformer, 2)
+    torch.save(to_original_controlnet(parts.transformer, controlnet, with_base=False), tmp_path / "cn.pth")
+    assert (
+        main(["convert", str(tmp_path / "cn.pth"), str(tmp_path / "full"), "--base", str(tmp_path / "base")]) == 0
+    )
+    pipe = diffusers.SanaControlNetPipeline.from_pretrained(tmp_path / "full")
+    assert isinstance(pipe.controlnet, diffusers.SanaControlNetModel)
+    assert torch.equal(pipe.controlnet.input_block.weight, controlnet.input_block.weight)
+
+    other = tiny_components(seed=0)
+    config = dataclasses.replace(other.transformer.config, num_attention_heads=4, cross_attention_dim=32)
+    other.transformer = SanaDiT(config)
+    save_components(other, tmp_path / "wide")
+    assert (
+        main(["convert", str(tmp_path / "cn.pth"), str(tmp_path / "bad"), "--base", str(tmp_path / "wide")]) == 2
+    )
+    assert "num_attention_heads x attention_head_dim is 16, the base's is 32" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -41,9 +41,14 @@ def pipe():
 
 def test_stack_concatenates_every_field_in_branch_order():
     # A new field must get its case in Conditioning.stack (and here): this list is the reminder.
-    assert [f.name for f in dataclasses.fields(Conditioning)] == ["text", "guidance", "perturbation", "residuals"]
-    a = Conditioning(text(2, 3, 1), torch.tensor([1.0, 2.0]), None, (torch.full((2, 5, 6), 1.0),))
-    b = Conditioning(text(2, 5, 2), torch.tensor([3.0, 4.0]), None, (torch.full((2, 5, 6), 2.0),))
+    fields = ["text", "guidance", "perturbation", "residuals", "control"]
+    assert [f.name for f in dataclasses.fields(Conditioning)] == fields
+    a = Conditioning(
+        text(2, 3, 1), torch.tensor([1.0, 2.0]), None, (torch.full((2, 5, 6), 1.0),), torch.full((2, 3, 2, 2), 1.0)
+    )
+    b = Conditioning(
+        text(2, 5, 2), torch.tensor([3.0, 4.0]), None, (torch.full((2, 5, 6), 2.0),), torch.full((2, 3, 2, 2), 2.0)
+    )
     stacked = Conditioning.stack([a, b, b.perturbed([1, 3])])
     assert len(stacked) == 6
     assert stacked.text.hidden.shape == (6, 5, 4)  # padded to the longest branch
@@ -53,6 +58,7 @@ def test_stack_concatenates_every_field_in_branch_order():
     assert stacked.perturbation.blocks == frozenset({1, 3})
     assert stacked.perturbation.rows.tolist() == [False] * 4 + [True] * 2  # only the last branch is perturbed
     assert [r[:, 0, 0].tolist() for r in stacked.residuals] == [[1.0, 1.0, 2.0, 2.0, 2.0, 2.0]]
+    assert stacked.control[:, 0, 0, 0].tolist() == [1.0, 1.0, 2.0, 2.0, 2.0, 2.0]
     assert Conditioning.stack([a]) is a
 
 
@@ -64,6 +70,10 @@ def test_stack_refuses_branches_that_disagree():
         Conditioning.stack([a.perturbed([0]), a.perturbed([1])])
     with pytest.raises(ValueError, match="different numbers of residuals"):
         Conditioning.stack([a, dataclasses.replace(a, residuals=(torch.zeros(1, 2, 2),))])
+    with pytest.raises(ValueError, match="every branch has a control latent or none"):
+        Conditioning.stack([a, dataclasses.replace(a, control=torch.zeros(1, 3, 2, 2))])
+    with pytest.raises(ValueError, match="control must be"):
+        Conditioning(text(2, 3), control=torch.zeros(3, 3, 2, 2))
     with pytest.raises(ValueError, match="guidance must be"):
         Conditioning(text(2, 3), guidance=torch.ones(3))
     with pytest.raises(ValueError, match="perturbation rows"):

@@ -9,7 +9,18 @@ import argparse
 from sana.config import ConfigError
 from sana.errors import UserError
 
-_FLAGS = ("model", "out", "kind", "resolution", "no_buckets", "shard_size", "batch_size", "device", "dtype")
+_FLAGS = (
+    "model",
+    "out",
+    "kind",
+    "resolution",
+    "no_buckets",
+    "shard_size",
+    "batch_size",
+    "device",
+    "dtype",
+    "control",
+)
 
 EXAMPLE = "example:\n  sana cache photos --model sana/assets/shapes-model --out data/photos-cache --resolution 256"
 OUT_OF_MEMORY = "try a smaller --batch-size or --resolution"
@@ -33,6 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="encoder and storage dtype (default: fp32)")
     p.add_argument("--no-chi", action="store_true", default=None, help="encode captions without the instruction")
     p.add_argument("--chi-file", help="this file's exact contents as the instruction (default: the model's own)")
+    p.add_argument(
+        "--control",
+        choices=["edges"],
+        help="also cache a control image made from each image, for ControlNet training (edges: Canny lines)",
+    )
 
 
 def read_config_file(path: str):
@@ -75,6 +91,7 @@ def cache_config(args: argparse.Namespace):
         "dtype": args.dtype,
         "chi": None if args.no_chi is None else not args.no_chi,
         "chi_file": args.chi_file,
+        "control": args.control,
     }
     return CacheConfig(
         data=data, model=args.model, out=args.out, **{k: v for k, v in optional.items() if v is not None}
@@ -90,8 +107,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = cache_config(args)
     vae, text_encoder = load_encoders(cfg)
     report = build_cache(
-        cfg.data, cfg.out, vae=vae, text_encoder=text_encoder, shard_size=cfg.shard_size, batch_size=cfg.batch_size
-    )
+        cfg.data, cfg.out, vae=vae, text_encoder=text_encoder, shard_size=cfg.shard_size,
+        batch_size=cfg.batch_size, control=cfg.control,
+    )  # fmt: skip
     print(
         f"cached {report.samples} samples in {cfg.out} ({report.shards_written} shard(s) written, "
         f"{report.shards_reused} reused, {len(report.unreadable)} unreadable image(s) skipped)"

@@ -2,6 +2,10 @@
 
 Prints the accuracy per category (single, sized, relation, counting) and their mean; with --out, writes
 report.json (every prompt, seed, check and detected object) and grid.png (a sample, framed green or red).
+
+`sana eval shapes --control`: the edge ControlNet instead (sana.shapes.evaluate_control): held-out scenes drawn
+from their captions with and without their edge maps, and with captions whose colours disagree with the scene;
+prints the IoU of each drawn object with the scene's, per setting.
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ import argparse
 from sana.cli.options import add_sampler_option
 from sana.errors import UserError
 
-EXAMPLE = "example:\n  sana eval shapes --n-per-category 50 --seed 3000 --out out/eval"
+EXAMPLE = (
+    "examples:\n  sana eval shapes --n-per-category 50 --seed 3000 --out out/eval\n"
+    "  sana eval shapes --control --n-scenes 100 --seed 1000 --out out/eval-control"
+)
 OUT_OF_MEMORY = "try a smaller --batch-size, --dtype bf16, or a smaller --height / --width"
 
 
@@ -49,9 +56,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--out", help="folder for report.json and grid.png")
     s.add_argument("--save-images", action="store_true", help="also write every image to OUT/images")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    c = s.add_argument_group("the edge ControlNet benchmark")
+    c.add_argument(
+        "--control",
+        action="store_true",
+        help="score the edge ControlNet: IoU of each drawn object with its scene's, with and without the edge map",
+    )
+    c.add_argument("--controlnet", help="ControlNet folder (default: the one shipped with the package)")
+    c.add_argument("--control-scale", type=float, default=1.0, help="multiplies the ControlNet's residuals")
+    c.add_argument("--n-scenes", type=int, default=50, help="held-out scenes (= images per setting)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.control:
+        return run_control(args)
+    if args.controlnet is not None or args.n_scenes != 50 or args.control_scale != 1.0:
+        raise UserError("--controlnet, --n-scenes and --control-scale belong to --control")
     if args.n_per_category < 1 or args.batch_size < 1:
         raise UserError("--n-per-category and --batch-size must be >= 1")
     if args.save_images and not args.out:
@@ -89,6 +109,50 @@ def run(args: argparse.Namespace) -> int:
         save_images=args.save_images,
         progress=not args.quiet,
     )
+    print(report.summary())
+    if args.out:
+        print(f"report: {args.out}/report.json  grid: {args.out}/grid.png")
+    return 0
+
+
+def run_control(args: argparse.Namespace) -> int:
+    """`sana eval shapes --control`: the edge ControlNet benchmark (sana.shapes.evaluate_control)."""
+    given = [f for f, v in (("--categories", args.categories), ("--height", args.height), ("--width", args.width),
+                            ("--save-images", args.save_images or None)) if v is not None]  # fmt: skip
+    if given:
+        raise UserError(f"{', '.join(given)} do not apply to --control (its images are the scenes' 256x256)")
+    if args.n_scenes < 1 or args.batch_size < 1:
+        raise UserError("--n-scenes and --batch-size must be >= 1")
+    import math
+
+    if not math.isfinite(args.control_scale):
+        raise UserError(f"--control-scale must be a finite number, got {args.control_scale}")
+    from sana.pipeline import SanaPipeline
+    from sana.pretrained import choose_instruction, default_model
+    from sana.shapes.evaluate_control import (
+        autoencoder_drawer,
+        evaluate_control,
+        pipeline_drawer,
+        shipped_controlnet,
+    )
+
+    controlnet = args.controlnet or shipped_controlnet()
+    if controlnet is None:
+        raise UserError("this installation ships no shapes ControlNet: pass --controlnet PATH")
+    instruction = choose_instruction(args.no_chi, args.chi_file)
+    pipe = SanaPipeline.from_pretrained(
+        args.model or default_model(), dtype=args.dtype, device=args.device, instruction=instruction,
+        controlnet=controlnet,
+    )  # fmt: skip
+    scale, steps, guidance = args.control_scale, args.steps, args.guidance
+    draw = pipeline_drawer(pipe, control_scale=scale, steps=steps, guidance_scale=guidance, sampler=args.sampler)
+    sampling = {"steps": args.steps or pipe.scheduler.steps, "sampler": args.sampler or pipe.scheduler.sampler,
+                "guidance_scale": pipe.scheduler.guidance_scale if args.guidance is None else args.guidance,
+                "control_scale": args.control_scale, "controlnet": str(controlnet)}  # fmt: skip
+    report = evaluate_control(
+        draw, n_scenes=args.n_scenes, seed=args.seed, batch_size=args.batch_size,
+        ceiling=autoencoder_drawer(pipe.vae), out_dir=args.out, progress=not args.quiet, settings=sampling,
+    )  # fmt: skip
     print(report.summary())
     if args.out:
         print(f"report: {args.out}/report.json  grid: {args.out}/grid.png")

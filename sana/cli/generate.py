@@ -16,14 +16,17 @@ import re
 import sys
 from pathlib import Path
 
-from sana.cli.options import add_sampler_option
+from sana.cli.options import add_low_memory_options, add_sampler_option, low_memory_settings
 from sana.cli.sharding import batches, launch_from_env, rank_device, shard
 from sana.errors import UserError, read_user_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 EXAMPLE = 'example:\n  sana generate "a red circle above a blue square" --seed 0 -o out.png'
-OUT_OF_MEMORY = "try --low-memory, a smaller --batch-size, or a smaller --height / --width"
+OUT_OF_MEMORY = (
+    "try --offload model (or sequential), --quantize int8, --low-memory, a smaller --batch-size, or a smaller "
+    "--height / --width (see docs/low-memory.md)"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,13 +52,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pag-layers", type=int, nargs="+", default=[0], help="blocks perturbed by PAG")
     p.add_argument("--lora", help="LoRA weights to merge: a pytorch_lora_weights.safetensors or its folder")
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA (0: none, 1: as trained)")
+    p.add_argument(
+        "--controlnet",
+        help="a Sana ControlNet folder or Hub id to steer the model with (a model folder with a controlnet/ "
+        "brings its own); needs --control-image",
+    )
+    p.add_argument(
+        "--control-image",
+        help="the ControlNet's condition image (e.g. from `sana control edges`), resized and centre-cropped to "
+        "the image size",
+    )
+    p.add_argument(
+        "--control-scale", type=float, default=1.0, help="strength of the ControlNet (0: none, 1: as trained)"
+    )
+    p.add_argument(
+        "--image",
+        help="start from this image (img2img; with --mask, inpainting), resized and centre-cropped to the "
+        "image size",
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        help="with --image: how much to change it, in (0, 1]; the last ceil(strength x steps) steps run "
+        "(default: 0.6; with --mask 1)",
+    )
+    p.add_argument("--mask", help="with --image: repaint where this mask is white, keep where it is black")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute dtype")
     p.add_argument(
         "--device",
         default="cpu",
         help="torch device, e.g. cpu, cuda, cuda:1, mps; under torchrun, cuda means each rank's cuda:LOCAL_RANK",
     )
-    p.add_argument("--low-memory", action="store_true", help="keep the text encoder on the CPU between prompts")
+    add_low_memory_options(p, "keep the text encoder on the CPU between prompts")
     p.add_argument(
         "--output",
         "-o",
@@ -113,6 +141,61 @@ def output_paths(output: str, prompts: list[str], per_prompt: int, seeds: list[i
     return paths
 
 
+def check_control(args: argparse.Namespace):
+    """The decoded --control-image (None without one), after the cheap checks of the ControlNet options: each
+    mistake is one line before the model loads."""
+    import math
+
+    from sana.config import read_json
+    from sana.image_input import open_image
+    from sana.pretrained import controlnet_dir, default_model, resolve_model_dir
+
+    if not math.isfinite(args.control_scale):
+        raise UserError(f"--control-scale must be a finite number, got {args.control_scale}")
+    if args.control_image is None:
+        if args.controlnet:
+            raise UserError("--controlnet steers nothing without --control-image")
+        return None
+    image = open_image(args.control_image, "control image")
+    if args.controlnet:
+        controlnet_dir(args.controlnet)  # a folder that is no ControlNet fails now, not after loading the model
+    elif "controlnet" not in read_json(resolve_model_dir(args.model or default_model()) / "model_index.json"):
+        raise UserError(
+            "--control-image needs a ControlNet: pass --controlnet PATH, or a --model folder with a controlnet/"
+        )
+    return image
+
+
+def fit_control_image(pipe, image, args: argparse.Namespace, tag: str):
+    """The control image fitted to the size the model samples at, saying so on stderr when that resized it."""
+    from sana.image_input import image_tensor
+
+    plan = pipe.plan("", height=args.height, width=args.width, use_resolution_binning=not args.no_binning)
+    fitted = image_tensor(image, *plan.sample_size, what="control image")
+    note = fitted.note(f"{tag}control image")
+    if note:
+        print(note, file=sys.stderr)
+    return fitted.tensor
+
+
+def check_image_inputs(args: argparse.Namespace) -> dict:
+    """The pipeline's image, mask_image and strength arguments from --image, --mask and --strength, the files
+    decoded: each mistake is one line before the model loads."""
+    from sana.generation import IMG2IMG_STRENGTH
+    from sana.image_input import open_image
+
+    if args.image is None:
+        for flag, value in (("--mask", args.mask), ("--strength", args.strength)):
+            if value is not None:
+                raise UserError(f"{flag} needs --image (the picture to start from)")
+        return {}
+    strength = args.strength if args.strength is not None else (1.0 if args.mask else IMG2IMG_STRENGTH)
+    if not 0 < strength <= 1:  # also refuses nan
+        raise UserError(f"--strength must be in (0, 1], got {strength}")
+    mask = None if args.mask is None else open_image(args.mask, "mask")
+    return {"image": open_image(args.image, "image"), "mask_image": mask, "strength": strength}
+
+
 def run(args: argparse.Namespace) -> int:
     launch = launch_from_env()
     prompts = read_prompts(args)
@@ -145,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
     from sana.pretrained import choose_instruction, default_model
 
     instruction = choose_instruction(args.no_chi, args.chi_file)
+    memory = low_memory_settings(args)  # --quantize, --offload, --max-memory, --low-memory
     # Cheap checks first: a bad setting must not cost a model load.
     check_settings(
         height=32 if args.height is None else args.height,
@@ -161,6 +245,8 @@ def run(args: argparse.Namespace) -> int:
         from sana.lora import lora_file
 
         lora_file(args.lora)  # a missing file fails before the model loads
+    control_image = check_control(args)  # a bad control image or ControlNet fails before the model loads
+    image_inputs = check_image_inputs(args)  # so does an unreadable --image or --mask, or a bad --strength
     if not todo:
         return 0
     device = rank_device(args.device, launch)
@@ -173,10 +259,22 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=device,
         instruction=instruction,
-        offload=("text_encoder",) if args.low_memory else (),
+        controlnet=args.controlnet,
+        # With a LoRA the DiT is quantized after the merge: a LoRA cannot be merged into int8 weights.
+        **{**memory, "quantize": None if args.lora else memory["quantize"]},
     )
     if args.lora:
         pipe.load_lora(args.lora, args.lora_scale)
+        if memory["quantize"]:
+            from sana.quantization import quantize_pipeline_transformer
+
+            quantize_pipeline_transformer(pipe, memory["quantize"])
+    if control_image is not None:
+        control_image = fit_control_image(pipe, control_image, args, tag)
+    if image_inputs:  # say when --image or --mask had to be resized (one plan, before any model work)
+        plan = pipe.plan(prompts[0], height=args.height, width=args.width, **image_inputs)
+        for note in plan.notes:
+            print(f"{tag}{note}", file=sys.stderr)
     for batch in batches(todo, args.batch_size):
         # One image per prompt entry with its own seed: image i is the same whatever batch it lands in.
         images = pipe(
@@ -193,6 +291,9 @@ def run(args: argparse.Namespace) -> int:
             pag_scale=args.pag_scale,
             pag_layers=args.pag_layers,
             progress=not args.quiet,
+            control_image=control_image,
+            control_scale=args.control_scale,
+            **image_inputs,
         )
         for i, image in zip(batch, images, strict=True):
             params = json.loads(image.info[PARAMETERS_KEY])

@@ -27,6 +27,7 @@ from sana.errors import RuntimeFailure, UserError, one_line
 COMMANDS = {
     "generate": ("sana.cli.generate", "generate images from text prompts"),
     "convert": ("sana.cli.convert", "convert an original NVlabs .pth checkpoint to the diffusers layout"),
+    "control": ("sana.cli.control", "make ControlNet condition images: `control edges|hed IN OUT`"),
     "demo": ("sana.cli.demo", "generate a first image offline (the main job of `make demo`)"),
     "cache": ("sana.cli.cache", "precompute DC-AE latents and caption embeddings of a training set"),
     "captions": ("sana.cli.captions", "caption tools: `captions score` fills CLIP scores into a manifest"),
@@ -34,6 +35,8 @@ COMMANDS = {
     "data": ("sana.cli.data", "make training data: `data shapes` writes the procedural shapes world"),
     "serve": ("sana.cli.serve", "serve an OpenAI-compatible image API over HTTP (jobs, live progress, metrics)"),
     "eval": ("sana.cli.eval", "evaluate a model: `eval shapes` scores prompt following on the shapes world"),
+    "comfyui": ("sana.cli.comfyui", "ComfyUI nodes: `comfyui install COMFYUI_DIR` links the node pack into it"),
+    "quantize": ("sana.cli.quantize", "write a model folder with int8/int4 weights (torchao) for low-memory use"),
 }
 
 EXAMPLE = 'example:\n  sana demo\n  sana generate "a red circle above a blue square" --seed 0 -o out.png'

@@ -13,6 +13,7 @@ import os
 import signal
 from pathlib import Path
 
+from sana.cli.options import add_low_memory_options, low_memory_settings
 from sana.errors import UserError
 
 API_KEY_ENV = "SANA_API_KEY"
@@ -20,7 +21,9 @@ API_KEY_ENV = "SANA_API_KEY"
 EXAMPLE = (
     "example:\n  sana serve --model Efficient-Large-Model/Sana_600M_1024px_diffusers --device cuda --dtype bf16"
 )
-OUT_OF_MEMORY = "try --low-memory, --dtype bf16, or a smaller --max-batch or --max-side"
+OUT_OF_MEMORY = (
+    "try --offload model, --quantize int8, --low-memory, --dtype bf16, or a smaller --max-batch or --max-side"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute dtype")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
-    p.add_argument("--low-memory", action="store_true", help="keep the text encoder on the CPU between batches")
+    add_low_memory_options(p, "keep the text encoder on the CPU between batches")
     p.add_argument(
         "--no-chi", action="store_true", help="do not prefix prompts with the complex human instruction"
     )
@@ -51,6 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-images", type=int, default=8, help="most images (n) in one request")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
     p.add_argument(
+        "--max-upload-bytes",
+        type=int,
+        default=16 << 20,
+        help="largest image edit body accepted (its image and mask files)",
+    )
+    p.add_argument(
         "--keep-seconds", type=float, default=3600.0, help="how long generated images stay downloadable"
     )
     p.add_argument(
@@ -65,6 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Cheap checks, before the model loads."""
+    low_memory_settings(args)
     for name in ("max_batch", "max_queue", "max_side", "max_steps", "max_images"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -76,6 +86,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--keep-seconds must be > 0 and --shutdown-timeout >= 0")
     if args.max_body_bytes < 1024:
         raise UserError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
+    if args.max_upload_bytes < 1024:
+        raise UserError(f"--max-upload-bytes must be >= 1024, got {args.max_upload_bytes}")
 
 
 def model_name(args: argparse.Namespace, model: str | Path) -> str:
@@ -113,16 +125,21 @@ def run(args: argparse.Namespace) -> int:
     from sana.server.engine import cpu_threads_for_worker
 
     model = args.model or default_model()
+    memory = low_memory_settings(args)
     torch_threads = cpu_threads_for_worker()  # before loading: the main thread only loads, the worker computes
     pipe = SanaPipeline.from_pretrained(
         model,
         dtype=args.dtype,
         device=args.device,
         instruction=choose_instruction(args.no_chi, args.chi_file),
-        offload=("text_encoder",) if args.low_memory else (),
+        **{**memory, "quantize": None if args.lora else memory["quantize"]},  # with a LoRA: after the merge
     )
     if args.lora:
         pipe.load_lora(args.lora, args.lora_scale)
+        if memory["quantize"]:
+            from sana.quantization import quantize_pipeline_transformer
+
+            quantize_pipeline_transformer(pipe, memory["quantize"])
     name = model_name(args, model)
     app = create_app(
         pipe,
@@ -134,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         max_images=args.max_images,
         max_body_bytes=args.max_body_bytes,
+        max_upload_bytes=args.max_upload_bytes,
         keep_seconds=args.keep_seconds,
         drain_timeout=args.shutdown_timeout,
         torch_threads=torch_threads,

@@ -1,6 +1,7 @@
 """`sana train RUN.yaml [dotted.key=value ...] [--resume [CHECKPOINT]]`: train or fine-tune a Sana DiT, or (with
 `task: dcae` / `task: text_encoder` in the YAML) the DC-AE autoencoder or the small Gemma-2 text encoder and its
-tokenizer that a model built from scratch needs (configs/train/shapes_dcae.yaml, shapes_text.yaml).
+tokenizer that a model built from scratch needs (configs/train/shapes_dcae.yaml, shapes_text.yaml), or (with
+`task: controlnet`) a ControlNet for a frozen model (configs/train/shapes_controlnet.yaml).
 
 One process: `sana train run.yaml`. Several GPUs (DDP, or FSDP2 with distributed.strategy: fsdp):
 `torchrun --nproc-per-node 8 -m sana train run.yaml`. The YAML keys are documented in

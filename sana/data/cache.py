@@ -8,7 +8,13 @@ Layout of a cache folder:
     shard-00000.safetensors    per sample j of the shard: "j.latent" (C_lat, h, w) normalised latent of the
     shard-00001.safetensors    image at its bucket size; "j.text_hidden" (n, l, C) and "j.text_mask" (n, l)
     ...                        uint8 for *every* candidate caption (so CLIP-score selection still happens at
-                               training time), cut after the last position any caption attends to (l <= L)
+                               training time), cut after the last position any caption attends to (l <= L);
+                               in a cache with control images also "j.control" (C_lat, h, w), the normalised
+                               latent of the sample's control image (ControlNet training)
+
+Control images come from the source (a sample's `control`, sana/data/sources.py) or are made from each image by a
+preprocessor (`control: edges`, sana/data/control.py; `sana cache --control edges`) after it is resized and
+cropped; index.json's "control" says which ("source" or the preprocessor's name).
 
 Samples are the raw source's, in key order, cut into shards of `shard_size`; each shard is written
 atomically (a temporary file renamed into place) and records in its metadata the settings it was made with
@@ -17,8 +23,9 @@ rest, so an interrupted run resumes where it stopped and never leaves a half-wri
 that cannot be decoded are left out (counted, logged and listed in index.json). One writer per folder.
 
 Reading (`DataConfig(kind="cache")`, sana/data/cached.py) yields batches
-`{"latents": (B, C, h, w), "text_hidden": (B, L, C), "text_mask": (B, L) int64, "keys": [...]}`; positions the
-caption does not attend to are zeros in `text_hidden` (the DiT masks them out, so only the mask matters).
+`{"latents": (B, C, h, w), "text_hidden": (B, L, C), "text_mask": (B, L) int64, "keys": [...]}` (and
+"control_latents" (B, C, h, w) when the cache has control images); positions the caption does not attend to are
+zeros in `text_hidden` (the DiT masks them out, so only the mask matters).
 """
 
 from __future__ import annotations
@@ -65,8 +72,13 @@ class CacheConfig:
     dtype: str = "fp32"  # compute and storage dtype of both encoders
     chi: bool | None = None  # the instruction prefix: None = the model folder's own (sana.pretrained), or on/off
     chi_file: str | None = None  # the instruction text, if not the model's
+    control: str | None = None  # a preprocessor making each image's control image (sana/data/control.py)
 
     def __post_init__(self) -> None:
+        if self.control is not None:
+            from sana.data.control import check_preprocessor
+
+            check_preprocessor(self.control)
         if self.shard_size < 1 or self.batch_size < 1:
             raise ConfigError(f"shard_size and batch_size must be >= 1, got {self.shard_size}, {self.batch_size}")
         if self.chi is False and self.chi_file:
@@ -90,9 +102,11 @@ class CacheReport:
 # ------------------------------------------------------------------------------------------------ writing
 
 
-def cache_settings(data: DataConfig, vae: Any, text_encoder: Any, shard_size: int) -> dict[str, Any]:
+def cache_settings(
+    data: DataConfig, vae: Any, text_encoder: Any, shard_size: int, control: str | None = None
+) -> dict[str, Any]:
     """Everything that changes a shard's content; a shard made with other settings is never reused."""
-    return {
+    settings = {
         "format": FORMAT,
         "version": VERSION,
         "resolution": data.resolution,
@@ -107,17 +121,34 @@ def cache_settings(data: DataConfig, vae: Any, text_encoder: Any, shard_size: in
             "dtype": str(text_encoder.dtype).removeprefix("torch."),
         },
     }
+    if control is not None:  # only then: caches without control images keep the settings they were made with
+        settings["control"] = control
+    return settings
 
 
 def build_cache(
-    data: DataConfig, out: str | Path, *, vae: Any, text_encoder: Any, shard_size: int = 256, batch_size: int = 8
+    data: DataConfig,
+    out: str | Path,
+    *,
+    vae: Any,
+    text_encoder: Any,
+    shard_size: int = 256,
+    batch_size: int = 8,
+    control: str | None = None,
 ) -> CacheReport:
-    """Write (or complete) the cache of `data` in `out` with these encoders (on any device). See the module doc."""
+    """Write (or complete) the cache of `data` in `out` with these encoders (on any device). See the module doc.
+
+    control: a preprocessor name (sana/data/control.py) making each image's control image; None caches the
+    source's own control images when every sample has one."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     if data.kind == "cache":
         raise UserError("build_cache needs a raw data source, not a cache (data kind: cache)")
+    if control is not None:
+        from sana.data.control import check_preprocessor
+
+        check_preprocessor(control)
     out = Path(out)
     with user_path(out, "cache folder", "create"):
         out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +156,19 @@ def build_cache(
         stale.unlink()
     stats = LoaderStats()
     images = RawImages.scan(data, stats)
-    settings = cache_settings(data, vae, text_encoder, shard_size)
+    with_control = [s.control is not None for s in images.samples]
+    if control is not None and any(with_control):
+        raise UserError(
+            f"{data.path} has control images of its own and --control {control} would make others: choose one"
+        )
+    if control is None and any(with_control):
+        if not all(with_control):
+            missing = images.keys[with_control.index(False)]
+            raise UserError(
+                f"{sum(with_control)} samples have a control image but {missing} has none: give all or none"
+            )
+        control = "source"
+    settings = cache_settings(data, vae, text_encoder, shard_size, control)
     settings_json = json.dumps(settings, sort_keys=True)
     report = CacheReport(samples=0)
     shards = []
@@ -151,7 +194,7 @@ def build_cache(
                 for key, reason in json.loads(meta.get("sana_cache_unreadable", "{}")).items():
                     stats.record_bad(key, reason)
         if entries is None:
-            tensors, entries, bad = _encode_shard(images, planned, vae, text_encoder, batch_size, stats)
+            tensors, entries, bad = _encode_shard(images, planned, vae, text_encoder, batch_size, stats, control)
             meta = {
                 _SETTINGS_KEY: settings_json,
                 _PLANNED_KEY: planned_json,
@@ -177,6 +220,7 @@ def build_cache(
         "text_length": int(null.hidden.shape[1]),
         "text_channels": int(null.hidden.shape[2]),
         "latent_channels": int(vae.config.latent_channels),
+        "control": control,
         "shards": shards,
         "unreadable": stats.unreadable,
     }
@@ -187,29 +231,47 @@ def build_cache(
 
 @torch.no_grad()
 def _encode_shard(
-    images: RawImages, planned: list[int], vae: Any, text_encoder: Any, batch_size: int, stats: LoaderStats
+    images: RawImages,
+    planned: list[int],
+    vae: Any,
+    text_encoder: Any,
+    batch_size: int,
+    stats: LoaderStats,
+    control: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, str]]:
     param = next(vae.parameters())
     pixels: dict[int, torch.Tensor] = {}
+    controls: dict[int, torch.Tensor] = {}
     bad: dict[str, str] = {}
     for i in planned:
         try:
-            pixels[i] = images.load(i, 0)["image"]  # (3, H, W)
+            item = images.load(i, 0)
         except BadImage as e:
             bad[images.keys[i]] = str(e)
             stats.record_bad(images.keys[i], str(e))
+            continue
+        pixels[i] = item["image"]  # (3, H, W)
+        if control == "source":
+            controls[i] = item["control"]  # (3, H, W), resized and cropped as the image
+        elif control is not None:
+            from sana.data.control import apply_to_tensor
+
+            controls[i] = apply_to_tensor(control, item["image"])
     good = [i for i in planned if i in pixels]
     # Latents: one encoder call per bucket chunk (same size within a bucket).
     latents: dict[int, torch.Tensor] = {}
+    control_latents: dict[int, torch.Tensor] = {}
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for i in good:
         by_bucket.setdefault(images.buckets[i], []).append(i)
     for members in by_bucket.values():
         for start in range(0, len(members), batch_size):
             chunk = members[start : start + batch_size]
-            x = torch.stack([pixels[i] for i in chunk]).to(param.device, param.dtype)  # (b, 3, H, W)
-            z = vae.encode(x).cpu()  # (b, C_lat, H/f, W/f)
-            latents.update(zip(chunk, z, strict=True))
+            for source, target in ((pixels, latents), (controls, control_latents)):
+                if source:
+                    x = torch.stack([source[i] for i in chunk]).to(param.device, param.dtype)  # (b, 3, H, W)
+                    z = vae.encode(x).cpu()  # (b, C_lat, H/f, W/f)
+                    target.update(zip(chunk, z, strict=True))
     # Text: every candidate caption of every sample.
     texts = [(i, c.text) for i in good for c in images.captions[i]]
     hidden: list[torch.Tensor] = []
@@ -229,6 +291,8 @@ def _encode_shard(
         attended = m.any(0).nonzero()
         keep = int(attended.max()) + 1 if len(attended) else 1  # positions after the last attended one are dropped
         tensors[f"{slot}.latent"] = latents[i].contiguous()
+        if control is not None:
+            tensors[f"{slot}.control"] = control_latents[i].contiguous()
         # Zero what each caption does not attend to (a shorter candidate's tail): the DiT ignores it anyway.
         tensors[f"{slot}.text_hidden"] = (h[:, :keep] * m[:, :keep, None].to(h.dtype)).contiguous()
         tensors[f"{slot}.text_mask"] = m[:, :keep].to(torch.uint8).contiguous()

@@ -52,6 +52,7 @@ class CachedSamples:
     def __init__(self, folder: Path, index: dict[str, Any]) -> None:
         self.folder = folder
         self.text_length = int(index["text_length"])
+        self.control: str | None = index.get("control")  # "source", a preprocessor's name, or None: no control
         self.keys: list[str] = []
         self.buckets: list[tuple[int, int]] = []
         self.captions: list[tuple[Caption, ...]] = []
@@ -103,12 +104,15 @@ class CachedSamples:
     def load(self, index: int, caption: int) -> dict[str, Any]:
         file, slot = self.where[index]
         shard = self._shard(file)
-        return {
+        item = {
             "latent": shard.get_tensor(f"{slot}.latent"),  # (C, h, w)
             "text_hidden": shard.get_slice(f"{slot}.text_hidden")[caption],  # (l, C)
             "text_mask": shard.get_slice(f"{slot}.text_mask")[caption],  # (l,)
             "key": self.keys[index],
         }
+        if self.control is not None:
+            item["control"] = shard.get_tensor(f"{slot}.control")  # (C, h, w)
+        return item
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         b, length = len(items), self.text_length
@@ -119,9 +123,12 @@ class CachedSamples:
             n = it["text_hidden"].shape[0]
             hidden[row, :n] = it["text_hidden"]
             mask[row, :n] = it["text_mask"].long()
-        return {
+        batch = {
             "latents": torch.stack([it["latent"] for it in items]),  # (B, C, h, w)
             "text_hidden": hidden,
             "text_mask": mask,
             "keys": [it["key"] for it in items],
         }
+        if self.control is not None:
+            batch["control_latents"] = torch.stack([it["control"] for it in items])  # (B, C, h, w)
+        return batch

@@ -160,14 +160,23 @@ class RawImages:
             image = load_image(data, self.buckets[index])  # (3, H, W) in [-1, 1]
         except BadImage as e:
             raise BadImage(f"{sample.image.name}: {e}") from None
-        return {"image": image, "caption": sample.captions[caption].text, "key": sample.key}
+        item = {"image": image, "caption": sample.captions[caption].text, "key": sample.key}
+        if sample.control is not None:  # resized and cropped as its image is, so the two stay aligned
+            try:
+                item["control"] = load_image(sample.control.read_bytes(), self.buckets[index])  # (3, H, W)
+            except (BadImage, OSError) as e:
+                raise BadImage(f"{sample.control.name}: {e}") from None
+        return item
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
+        batch = {
             "images": torch.stack([it["image"] for it in items]),  # (B, 3, H, W)
             "captions": [it["caption"] for it in items],
             "keys": [it["key"] for it in items],
         }
+        if all("control" in it for it in items):
+            batch["control_images"] = torch.stack([it["control"] for it in items])  # (B, 3, H, W) in [-1, 1]
+        return batch
 
 
 # ------------------------------------------------------------------------------------------------ the plan

@@ -15,6 +15,10 @@ by key, so the same images with the same captions give the same samples whicheve
   one image member and a `.json` (as above) or `.txt` caption member. Images are read in place by offset, so
   shards are never unpacked.
 
+A sample may also carry a control image, for ControlNet training (`task: controlnet`): in a folder the image
+`NAME.control.EXT` beside `NAME.EXT` (it is not a sample of its own); in a manifest an optional "control" path
+(relative like "image"); in a tar shard the member `KEY.control.EXT`.
+
 A sample without any caption is an error naming its file (a one-line UserError) rather than a silent drop.
 Unreadable images are not detected here; see `buckets.read_size` and the loader.
 """
@@ -36,6 +40,7 @@ from sana.errors import UserError, read_user_file, user_path
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 KINDS = ("auto", "folder", "jsonl", "webdataset", "cache")
 CACHE_INDEX = "index.json"  # marks a folder written by `sana cache`
+CONTROL_SUFFIX = ".control"  # NAME.control.png is the control image of NAME.png (folders and tar shards)
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ class RawSample:
     image: ImageRef
     captions: tuple[Caption, ...]
     size: tuple[int, int] | None = None  # (height, width) when the source states it; else read from the header
+    control: ImageRef | None = None  # the sample's control image (ControlNet training), if the source has one
 
 
 @dataclass
@@ -79,6 +85,7 @@ class ManifestRow:
     image: ImageRef
     captions: tuple[Caption, ...]
     key: str
+    control: ImageRef | None = None
 
 
 # ------------------------------------------------------------------------------------------------ kinds
@@ -120,7 +127,9 @@ def read_samples(path: str | Sequence[str], kind: str = "auto") -> list[RawSampl
     if kind == "folder":
         samples = read_folder(path)
     elif kind == "jsonl":
-        samples = [RawSample(r.key, r.image, r.captions, _size_of(r.record)) for r in read_manifest_lines(path)]
+        samples = [
+            RawSample(r.key, r.image, r.captions, _size_of(r.record), r.control) for r in read_manifest_lines(path)
+        ]
     else:
         samples = read_webdataset(path)
     if not samples:
@@ -143,6 +152,8 @@ def read_folder(root: str | Path) -> list[RawSample]:
     for path in sorted(root.rglob("*")):
         if path.suffix.lower() not in IMAGE_EXTENSIONS or path.name.startswith(".") or not path.is_file():
             continue
+        if path.stem.endswith(CONTROL_SUFFIX):  # another image's control image
+            continue
         sidecar_json, sidecar_txt = path.with_suffix(".json"), path.with_suffix(".txt")
         if sidecar_json.is_file():
             captions = _captions_from_json_text(read_user_file(sidecar_json, "caption file"), str(sidecar_json))
@@ -151,7 +162,9 @@ def read_folder(root: str | Path) -> list[RawSample]:
         else:
             raise UserError(f"{path} has no caption: add {sidecar_txt.name} (or {sidecar_json.name}) beside it")
         key = path.relative_to(root).with_suffix("").as_posix()
-        out.append(RawSample(key, ImageRef(path), captions))
+        controls = [path.with_name(path.stem + CONTROL_SUFFIX + e) for e in IMAGE_EXTENSIONS]
+        control = next((ImageRef(c) for c in controls if c.is_file()), None)
+        out.append(RawSample(key, ImageRef(path), captions, control=control))
     return out
 
 
@@ -180,13 +193,19 @@ def read_manifest_lines(manifest: str | Path) -> list[ManifestRow]:
         image = Path(record["image"])
         path = image if image.is_absolute() else base / image
         captions = _captions_from_record(record, f"{where} ({record['image']})")
+        control = record.get("control")
+        if control is not None and not isinstance(control, str):
+            raise UserError(f'{where}: "control" must be an image path, got {control!r}')
+        control_ref = None
+        if control is not None:
+            control_ref = ImageRef(Path(control) if Path(control).is_absolute() else base / control)
         key = record.get("key")
         if key is None:
             try:
                 key = path.relative_to(base).with_suffix("").as_posix()
             except ValueError:  # an absolute path outside the manifest's folder
                 key = path.with_suffix("").as_posix()
-        rows.append(ManifestRow(record, ImageRef(path), captions, str(key)))
+        rows.append(ManifestRow(record, ImageRef(path), captions, str(key), control_ref))
     return rows
 
 
@@ -275,7 +294,11 @@ def _read_shard(shard: Path) -> list[RawSample]:
             else:
                 raise UserError(f"{where} has no caption: add {key}.txt (or {key}.json) to the shard")
             ref = ImageRef(shard, offset=image.offset_data, length=image.size, member=image.name)
-            samples.append(RawSample(key, ref, captions))
+            control = next((members[c] for e in IMAGE_EXTENSIONS if (c := CONTROL_SUFFIX + e) in members), None)
+            control_ref = None
+            if control is not None:
+                control_ref = ImageRef(shard, offset=control.offset_data, length=control.size, member=control.name)
+            samples.append(RawSample(key, ref, captions, control=control_ref))
     return samples
 
 

@@ -276,3 +276,69 @@ def tiled_decode(decoder: nn.Module, z: torch.Tensor, *, tile: int = DEFAULT_TIL
             scale *= step.scale
     tail, halo, tail_scale = _fuse(steps[last_global + 1 :])
     return tiled_local(tail, x, core=tile * scale, halo=halo, scale=tail_scale)
+
+
+# ------------------------------------------------------------------------------------------------- memory
+#
+# How much memory a decode takes beyond the weights, estimated from the decoder's structure, so the pipeline
+# decodes in one pass when that fits the memory free and in tiles otherwise (`sana.generation.vae_tile_for`).
+#
+# Decoder stage s runs at 1/2^s of the output side with c_s channels: its maps hold c_s / 4^s values per
+# output pixel (`map_width`). The widest of them (stage 0 in every published DC-AE: 128 channels at full
+# resolution) sets the peak of a one-pass decode, which holds about UNTILED_MAPS such maps at once. Measured on
+# the CPU with the real f32c32 config (random weights, 2 threads), peak RSS above the loaded model per output
+# pixel: 2630 / 2435 / 2323 bytes at 512^2 / 1024^2 / 1536^2 in float32 (5.1 / 4.8 / 4.5 maps of 128 float32
+# channels); bfloat16 took 0.88x the float32 figure at 1024^2 (the norms compute in float32), so the float32
+# figure serves every dtype. A tiled decode holds the output, the largest whole low-resolution map twice (the
+# input and output of an attention step), and one halo-widened tile of the fused high-resolution tail.
+# ESTIMATE_MARGIN on top keeps the estimate above every measurement (docs/low-memory.md has the table).
+
+UNTILED_MAPS = 5.2  # float32 maps of the widest stage alive at once (the largest measured, 512^2)
+TILED_MAPS = 5.2  # the same inside one tile of the tail
+ESTIMATE_MARGIN = 1.25
+FLOAT32 = 4
+TILE_CHOICES = (DEFAULT_TILE, 16, 12, 8, 4)  # tried in this order: the largest that fits
+
+
+def map_width(config) -> float:
+    """Channels per output pixel of the decoder's widest stage map: max over stages s of c_s / 4^s (a `DCAEConfig`;
+    the head runs at full resolution on stage 0's channels, or stage 1's when stage 0 is empty)."""
+    channels, layers = config.decoder_block_out_channels, config.decoder_layers_per_block
+    widths = [c / 4**s for s, (c, n) in enumerate(zip(channels, layers, strict=True)) if n > 0]
+    return max([*widths, channels[0] if layers[0] > 0 else channels[1]])
+
+
+def untiled_decode_bytes(config, batch: int, height: int, width: int) -> int:
+    """Estimated peak bytes of a one-pass decode of `batch` images of height x width pixels."""
+    return int(ESTIMATE_MARGIN * UNTILED_MAPS * FLOAT32 * map_width(config) * batch * height * width)
+
+
+def tiled_decode_bytes(decoder: nn.Module, config, batch: int, height: int, width: int, tile: int) -> int:
+    """Estimated peak bytes of `tiled_decode(decoder, ...)` in tiles of `tile` latents: the output (and its
+    float32 copy), twice the largest whole map up to the last attention step, one widened tile of the tail."""
+    channels, layers = config.decoder_block_out_channels, config.decoder_layers_per_block
+    n, f = config.num_stages, config.spatial_compression
+    types = config.stage_block_types("decoder")
+    attention = [s for s in range(n) if layers[s] > 0 and types[s] == "EfficientViTBlock"]
+    first = min(attention, default=n - 1)  # the shallowest stage run before the tail (stages run deepest first)
+    latent = (height // f) * (width // f)
+    whole = 2 * max(channels[s] * latent * 4 ** (n - 1 - s) for s in range(first, n))  # values
+    steps = _decoder_steps(decoder)
+    last_global = max((i for i, s in enumerate(steps) if s.radius is None), default=-1)
+    scale = math.prod(s.scale for s in steps[: last_global + 1])
+    _, halo, tail_scale = _fuse(steps[last_global + 1 :])
+    side = (min(tile, max(height, width) // f) * scale + 2 * halo) * tail_scale  # output pixels of a window
+    tail = TILED_MAPS * map_width(config) * side * side
+    output = 2 * 3 * batch * height * width
+    return int(ESTIMATE_MARGIN * FLOAT32 * (whole + tail + output))
+
+
+def choose_tile(decoder: nn.Module, config, batch: int, height: int, width: int, headroom: int) -> int | None:
+    """None (one pass) when the one-pass estimate fits in `headroom` bytes; else the largest of TILE_CHOICES whose
+    tiled estimate fits (the smallest when none does: the least memory there is)."""
+    if untiled_decode_bytes(config, batch, height, width) <= headroom:
+        return None
+    for tile in TILE_CHOICES:
+        if tiled_decode_bytes(decoder, config, batch, height, width, tile) <= headroom:
+            return tile
+    return TILE_CHOICES[-1]

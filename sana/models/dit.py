@@ -217,11 +217,19 @@ class MixFFN(nn.Module):
         self.conv_point = nn.Conv2d(hidden, dim, 1, bias=False)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        h = F.silu(F.linear(x, self.conv_inverted.weight.flatten(1), self.conv_inverted.bias))  # (B, N, 2F)
+        h = F.silu(pointwise(self.conv_inverted, x))  # (B, N, 2F)
         grid = h.unflatten(1, hw).permute(0, 3, 1, 2)  # (B, 2F, H, W), channels-last strides
         h = self.conv_depth(grid).permute(0, 2, 3, 1).flatten(1, 2)  # (B, N, 2F)
         value, gate = h.chunk(2, dim=-1)  # (B, N, F) each
-        return F.linear(value * F.silu(gate), self.conv_point.weight.flatten(1))  # (B, N, C)
+        return pointwise(self.conv_point, value * F.silu(gate))  # (B, N, C)
+
+
+def pointwise(layer: nn.Conv2d | nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution applied to (B, N, C) tokens as a matmul. Quantization (sana/quantization.py) replaces
+    the FFN's 1x1 convolutions with the equivalent nn.Linear, the layer torchao quantizes; both run here."""
+    if isinstance(layer, nn.Linear):
+        return layer(x)
+    return F.linear(x, layer.weight.flatten(1), layer.bias)
 
 
 class SanaBlock(nn.Module):

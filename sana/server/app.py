@@ -12,6 +12,8 @@ Routes (see docs/serving.md):
     GET  /v1/models                the served model, OpenAI's list shape
     POST /v1/images/generations    OpenAI's image generation; waits for the images. A client that goes away
                                    cancels its job.
+    POST /v1/images/edits          OpenAI's image edit (multipart: image, optional mask, the generation fields
+                                   and `strength`): img2img, or inpainting with a mask; waits as above
     POST /v1/jobs                  the same body; 202 with the job's id and URLs, at once
     GET  /v1/jobs/{id}             the job's state (and image URLs once done)
     GET  /v1/jobs/{id}/events      Server-Sent Events: queued (position), running, progress, done | error |
@@ -38,6 +40,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,18 +49,33 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 
 from sana.errors import UserError, one_line
 from sana.server.engine import BatchKey, Engine, ImageSpec, Job, QueueFull, ShuttingDown
-from sana.server.schemas import Limits, ModelDefaults, RequestError, Resolved, parse_body, resolve
+from sana.server.schemas import (
+    Limits,
+    ModelDefaults,
+    RequestError,
+    Resolved,
+    parse_body,
+    parse_form,
+    resolve,
+    resolve_strength,
+)
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from sana.pipeline import SanaPipeline
 
 STATIC_DIR = Path(__file__).parent / "static"
 OPEN_PATHS = ("/health", "/v1/config", "/")  # no API key needed; nor for anything under /static/
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_MAX_UPLOAD_BYTES = 16 << 20  # an edit's body: its image and mask files
+EDITS_PATH = "/v1/images/edits"
 DISCONNECT_POLL_SECONDS = 0.25
 KEEPALIVE_SECONDS = 15.0
 
@@ -156,12 +174,14 @@ def create_app(
     max_steps: int = 100,
     max_images: int = 8,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     keep_seconds: float = 3600.0,
     drain_timeout: float | None = None,
     torch_threads: int | None = None,
 ) -> FastAPI:
     """The app serving `pipe` as `model_name`. max_images is capped by max_queue (a job never splits across
-    the queue). drain_timeout: seconds the shutdown waits for queued and running work (None: all of it).
+    the queue). max_upload_bytes: the body limit of an image edit (its files), max_body_bytes that of every
+    other request. drain_timeout: seconds the shutdown waits for queued and running work (None: all of it).
     torch_threads: the engine worker's torch threads (sana.server.engine.cpu_threads_for_worker)."""
     from sana.samplers import SAMPLERS
 
@@ -180,8 +200,10 @@ def create_app(
         raise UserError(f"--max-steps {max_steps} is below the model's default of {defaults.steps} steps")
     if defaults.width > limits.max_side:
         raise UserError(f"--max-side {max_side} is below the model's native size {defaults.width}")
-    if max_body_bytes < 1024:
-        raise UserError(f"the body limit must be at least 1024 bytes, got {max_body_bytes}")
+    if min(max_body_bytes, max_upload_bytes) < 1024:
+        raise UserError(
+            f"the body limits must be at least 1024 bytes, got {max_body_bytes} and {max_upload_bytes}"
+        )
 
     metrics = Metrics()
     engine = Engine(
@@ -256,7 +278,9 @@ def create_app(
 
     # ---------------------------------------------------------------------------- gate and access log
 
-    app.add_middleware(Gate, key=key, max_body_bytes=max_body_bytes, metrics=metrics)
+    app.add_middleware(
+        Gate, key=key, max_body_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes, metrics=metrics
+    )
 
     # ---------------------------------------------------------------------------------------- helpers
 
@@ -277,9 +301,38 @@ def create_app(
             raise ApiError(400, str(e), kind="validation") from None
         return work
 
-    def submit(work: Resolved) -> Job:
-        key = batch_key(work)
-        specs = [ImageSpec(work.prompt, work.negative_prompt, seed) for seed in work.seeds]
+    async def read_edit(request: Request) -> tuple[Resolved, EditInput]:
+        """An edit's form, checked as a generation's body is, its image and mask decoded and planned (off the
+        event loop: decoding and fitting an image takes a while)."""
+        form = await read_form(request, max_upload_bytes)
+        try:
+            files, fields = split_form(form)
+            request_fields = parse_form(fields)
+            work = resolve(request_fields, defaults, limits)
+            edit = await asyncio.to_thread(read_edit_images, files, request_fields)
+            key = batch_key(work, edit)
+            await asyncio.to_thread(
+                pipe.plan,  # the engine's call, checked without model work
+                [work.prompt] * work.n,
+                negative_prompt=work.negative_prompt,
+                seed=list(work.seeds),
+                **key.settings(),
+                images_per_prompt=1,
+                image=edit.image,
+                mask_image=edit.mask,
+            )
+        except RequestError as e:
+            raise ApiError(e.status, e.message, param=e.param, kind="validation") from None
+        except UserError as e:
+            raise ApiError(400, str(e), kind="validation") from None
+        finally:
+            await form.close()
+        return work, edit
+
+    def submit(work: Resolved, edit: EditInput | None = None) -> Job:
+        key = batch_key(work, edit)
+        image, mask = (edit.image, edit.mask) if edit else (None, None)
+        specs = [ImageSpec(work.prompt, work.negative_prompt, seed, image, mask) for seed in work.seeds]
         try:
             return engine.submit(key, specs, work.output_format)
         except QueueFull as e:
@@ -364,7 +417,15 @@ def create_app(
     @app.post("/v1/images/generations")
     async def generations(request: Request) -> Response:
         work = await read_request(request)
-        job = submit(work)
+        return await images_answer(request, work, submit(work))
+
+    @app.post(EDITS_PATH)
+    async def edits(request: Request) -> Response:
+        work, edit = await read_edit(request)
+        return await images_answer(request, work, submit(work, edit))
+
+    async def images_answer(request: Request, work: Resolved, job: Job) -> Response:
+        """OpenAI's answer to a synchronous image request, once its job is done."""
         waiting = asyncio.ensure_future(job.wait())
         try:
             while True:
@@ -434,7 +495,7 @@ def create_app(
 
     @app.get("/v1/images/{name}", name="image")
     async def image(request: Request, name: str) -> Response:
-        if name == "generations":  # GET /v1/images/generations: the POST route's path, not an image
+        if name in ("generations", "edits"):  # GET on a POST route's path, not an image
             raise ApiError(405, f"method {request.method} is not allowed on {request.url.path}",
                            kind="method_not_allowed", headers={"Allow": "POST"})  # fmt: skip
         stored = engine.image(name)
@@ -509,9 +570,98 @@ async def with_keepalive(events: AsyncIterator[dict], seconds: float) -> AsyncIt
         await iterator.aclose()
 
 
-def batch_key(work: Resolved) -> BatchKey:
+@dataclass(frozen=True)
+class EditInput:
+    """An edit's decoded input image, its mask (None: repaint everywhere) and strength."""
+
+    image: Image.Image
+    mask: Image.Image | None
+    strength: float
+
+
+def batch_key(work: Resolved, edit: EditInput | None = None) -> BatchKey:
     """What a request's images share with others in a batch."""
-    return BatchKey(work.height, work.width, work.steps, work.sampler, work.guidance_scale, work.pag_scale)
+    shared = (work.height, work.width, work.steps, work.sampler, work.guidance_scale, work.pag_scale)
+    if edit is None:
+        return BatchKey(*shared)
+    return BatchKey(*shared, strength=edit.strength, edit=True)
+
+
+FILE_FIELDS = ("image", "image[]", "mask")
+
+
+def split_form(form) -> tuple[dict[str, list[UploadFile]], dict[str, str]]:
+    """(files by field, text fields) of an edit's form; RequestError for a file where text belongs, text where
+    a file belongs, or a text field given twice."""
+    files: dict[str, list[UploadFile]] = {}
+    fields: dict[str, str] = {}
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            if name not in FILE_FIELDS:
+                raise RequestError(f"{name} must be a text field, not a file", name)
+            files.setdefault(name.removesuffix("[]"), []).append(value)
+        elif name in FILE_FIELDS:
+            raise RequestError(f"{name.removesuffix('[]')} must be an image file upload, not a text field",
+                               name.removesuffix("[]"))  # fmt: skip
+        elif name in fields:
+            raise RequestError(f"{name} is given twice", name)
+        else:
+            fields[name] = value
+    return files, fields
+
+
+def read_edit_images(files: dict[str, list[UploadFile]], request: Any) -> EditInput:
+    """The edit's image and mask decoded (RequestError naming the field when missing, repeated or not an
+    image). Without a mask, an image with transparent pixels is repainted there (OpenAI's rule)."""
+    from sana.image_input import has_transparency, open_image
+
+    decoded = {}
+    for name in ("image", "mask"):
+        uploads = files.get(name, [])
+        if len(uploads) > 1:
+            raise RequestError(f"{name}: send one file; this server edits one image per request", name)
+        if not uploads:
+            if name == "image":
+                raise RequestError("image is required: the picture to edit, as a file upload", "image")
+            decoded[name] = None
+            continue
+        try:
+            decoded[name] = open_image(uploads[0].file.read(), name)
+        except UserError as e:
+            raise RequestError(str(e), name) from None
+    image, mask = decoded["image"], decoded["mask"]
+    if mask is None and has_transparency(image):
+        mask = image
+    return EditInput(image, mask, resolve_strength(request, mask is not None))
+
+
+async def read_form(request: Request, limit: int):
+    """The request's form, read up to `limit` bytes (413 beyond, whatever Content-Length said): multipart, or
+    URL-encoded (which cannot carry the image: the edit's check then says so, naming the field)."""
+    content_type = request.headers.get("content-type", "").lower()
+    multipart = content_type.startswith("multipart/form-data")
+    if not multipart and not content_type.startswith("application/x-www-form-urlencoded"):
+        raise ApiError(
+            400,
+            "an edit is sent as multipart/form-data: the image (and mask) as files, the other fields as text",
+            kind="validation",
+        )
+
+    async def limited() -> AsyncIterator[bytes]:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"the request body is larger than {limit} bytes", kind="too_large")
+            yield chunk
+
+    if not multipart:
+        return await FormParser(request.headers, limited()).parse()
+    parser = MultiPartParser(request.headers, limited(), max_files=4, max_fields=64, max_part_size=64 << 10)
+    try:
+        return await parser.parse()
+    except MultiPartException as e:
+        raise ApiError(400, f"the multipart body cannot be read: {e.message}", kind="validation") from None
 
 
 class Gate:
@@ -522,8 +672,11 @@ class Gate:
     `CLIENT "METHOD PATH" STATUS SECONDS`.
     """
 
-    def __init__(self, app, *, key: bytes | None, max_body_bytes: int, metrics: Metrics) -> None:
+    def __init__(
+        self, app, *, key: bytes | None, max_body_bytes: int, max_upload_bytes: int, metrics: Metrics
+    ) -> None:
         self.app, self.key, self.max_body_bytes, self.metrics = app, key, max_body_bytes, metrics
+        self.max_upload_bytes = max_upload_bytes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -581,13 +734,12 @@ class Gate:
                     headers={"WWW-Authenticate": "Bearer"},
                 )
         length = headers.get(b"content-length")
+        limit = self.max_upload_bytes if path == EDITS_PATH else self.max_body_bytes
         if length is not None:
             try:
                 size = int(length)
             except ValueError:
                 return ApiError(400, "Content-Length is not a number", kind="validation")
-            if size > self.max_body_bytes:
-                return ApiError(
-                    413, f"the request body is larger than {self.max_body_bytes} bytes", kind="too_large"
-                )
+            if size > limit:
+                return ApiError(413, f"the request body is larger than {limit} bytes", kind="too_large")
         return None

@@ -7,8 +7,10 @@
     engine.image(job.image_names[0])       # (encoded bytes, media type)
     engine.stop(drain=True)
 
-A job is a list of images that share one `BatchKey` (size, steps, sampler, guidance use). Image i of a request
-uses seed `seed + i` as `sana generate` does; the caller builds the `ImageSpec`s, the engine runs them as given.
+A job is a list of images that share one `BatchKey` (size, steps, sampler, guidance use, and for image edits
+the strength). Image i of a request uses seed `seed + i` as `sana generate` does; the caller builds the
+`ImageSpec`s, the engine runs them as given. An edit's specs carry its input image and mask (decoded PIL
+images); edits of different requests batch together when their keys agree, each image with its own input.
 
 Batching. One worker thread runs one pipeline call at a time (the model is compute-bound). It takes the oldest
 queued job and fills the batch, up to `max_batch` images, with the following queued jobs of the same key, in
@@ -47,7 +49,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from PIL.PngImagePlugin import PngInfo
@@ -77,6 +79,8 @@ class ImageSpec:
     prompt: str
     negative_prompt: str
     seed: int
+    image: Image.Image | None = field(default=None, compare=False, repr=False)  # an edit's input
+    mask: Image.Image | None = field(default=None, compare=False, repr=False)  # None: repaint everywhere
 
 
 @dataclass(frozen=True)
@@ -89,10 +93,15 @@ class BatchKey:
     sampler: str
     guidance_scale: float
     pag_scale: float
+    strength: float = 1.0
+    edit: bool = False  # the images start from their specs' input images (img2img, inpainting)
 
     def settings(self) -> dict[str, Any]:
-        """The keyword arguments of the pipeline call these images share."""
-        return dataclasses.asdict(self)
+        """The keyword arguments of the pipeline call these images share (`edit` is not one: the images
+        themselves travel in the specs)."""
+        settings = dataclasses.asdict(self)
+        del settings["edit"]
+        return settings
 
 
 class QueueFull(Exception):
@@ -515,6 +524,7 @@ class Engine:
                 negative_prompt=[spec.negative_prompt for spec in specs],
                 seed=[spec.seed for spec in specs],
                 **key.settings(),
+                **edit_inputs(key, specs),
                 images_per_prompt=1,
                 callback=callback,
             )
@@ -530,6 +540,17 @@ class Engine:
                 except Exception:
                     self.log.exception("on_batch failed")
         return images
+
+
+def edit_inputs(key: BatchKey, specs: Sequence[ImageSpec]) -> dict[str, Any]:
+    """The pipeline's image and mask_image arguments for a batch of images (one entry per image; a mask of
+    None repaints that image everywhere), or nothing for text to image."""
+    if not key.edit:
+        return {}
+    inputs: dict[str, Any] = {"image": [spec.image for spec in specs]}
+    if any(spec.mask is not None for spec in specs):
+        inputs["mask_image"] = [spec.mask for spec in specs]
+    return inputs
 
 
 def cpu_threads_for_worker() -> int:

@@ -6,6 +6,10 @@
 is not a string, `true` is not 1), numbers must be finite, and `null` means "the default" for every field
 but `prompt`.
 
+`POST /v1/images/edits` takes the same fields, plus `strength`, as multipart form fields beside the `image`
+and `mask` files (`parse_form`): a form field is text, so numbers and booleans are read from their text
+("2", "0.5", "true") and an empty field means the default.
+
 Fields OpenAI defines that this server does not implement (`quality`, `style`, `user`, `background`,
 `moderation`, `output_compression`, `partial_images`) are accepted and ignored, so existing OpenAI clients work
 unchanged; any other unknown field is a 400 naming it (a typo such as `num_steps` must not silently fall back
@@ -64,6 +68,26 @@ class ImageRequest(BaseModel):
     pag_scale: float | None = Field(default=None, allow_inf_nan=False)
 
 
+class EditRequest(ImageRequest):
+    """The form fields of an image edit: an image request plus the img2img strength (None: the default, 1 with a
+    mask and 0.6 without)."""
+
+    strength: float | None = Field(default=None, allow_inf_nan=False)
+
+
+# How the text of a form field becomes the JSON type ImageRequest checks: field -> "int" | "float" | "bool".
+_FORM_TYPES = {
+    "n": "int",
+    "num_inference_steps": "int",
+    "seed": "int",
+    "guidance_scale": "float",
+    "pag_scale": "float",
+    "strength": "float",
+    "stream": "bool",
+}
+_INT = re.compile(r"[+-]?\d{1,20}")
+
+
 @dataclass(frozen=True)
 class Limits:
     """What a deployer allows one request: the largest image side in pixels, the most sampling steps and the
@@ -114,6 +138,48 @@ def parse_body(data: Any) -> ImageRequest:
         return ImageRequest.model_validate(data)
     except ValidationError as e:
         raise _request_error(e) from None
+
+
+def parse_form(fields: dict[str, str]) -> EditRequest:
+    """The text fields of a multipart edit request as an EditRequest (RequestError naming the first bad one)."""
+    data: dict[str, Any] = {}
+    for name, text in fields.items():
+        if name in OPENAI_IGNORED:
+            continue
+        kind = _FORM_TYPES.get(name)
+        if kind is None or text is None:
+            data[name] = text
+        elif text.strip() == "":
+            data[name] = None  # an empty field: the default
+        elif kind == "int":
+            if not _INT.fullmatch(text.strip()):
+                raise RequestError(f"{name} must be an integer, got {text!r}", name)
+            data[name] = int(text)
+        elif kind == "float":
+            try:
+                data[name] = float(text)
+            except ValueError:
+                raise RequestError(f"{name} must be a number, got {text!r}", name) from None
+        else:
+            if text.strip().lower() not in ("true", "false"):
+                raise RequestError(f"{name} must be true or false, got {text!r}", name)
+            data[name] = text.strip().lower() == "true"
+    try:
+        return EditRequest.model_validate(data)
+    except ValidationError as e:
+        raise _request_error(e) from None
+
+
+def resolve_strength(request: EditRequest, has_mask: bool) -> float:
+    """The edit's strength: as given, in (0, 1]; by default 1 with a mask (repaint it wholly) and
+    sana.generation.IMG2IMG_STRENGTH without one."""
+    from sana.generation import IMG2IMG_STRENGTH
+
+    if request.strength is None:
+        return 1.0 if has_mask else IMG2IMG_STRENGTH
+    if not 0 < request.strength <= 1:
+        raise RequestError(f"strength must be in (0, 1], got {request.strength}", "strength")
+    return float(request.strength)
 
 
 def resolve(request: ImageRequest, model: ModelDefaults, limits: Limits) -> Resolved:

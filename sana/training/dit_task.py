@@ -34,6 +34,7 @@ from sana.training.checkpoint import export_model
 from sana.training.config import FlowConfig, LoRAConfig, RunConfig, _check
 from sana.training.distributed import DistContext, barrier, full_tensor
 from sana.training.ema import full_ema_state
+from sana.training.encoders import Encoders, resolve_null_text
 from sana.training.step import FlowBatch, flow_forward, make_flow_batch, prepare_batch, step_generator
 from sana.training.task import LossOutput, Run, Task
 from sana.types import TextEmbeddings
@@ -153,56 +154,6 @@ def components_folder(cfg: TrainConfig) -> Path | None:
         return Path(cfg.model.components)
     pretrained = Path(cfg.model.pretrained) if cfg.model.pretrained else None
     return pretrained if pretrained is not None and (pretrained / "model_index.json").is_file() else None
-
-
-class Encoders:
-    """The frozen autoencoder and text encoder, loaded from a model folder on first use."""
-
-    def __init__(self, folder: Path | None, device: torch.device, dtype: str) -> None:
-        self.folder, self.device, self.dtype = folder, device, dtype
-        self._parts: tuple[nn.Module, Any] | None = None
-
-    @property
-    def available(self) -> bool:
-        return self.folder is not None
-
-    def __call__(self) -> tuple[nn.Module, Any]:
-        if self._parts is None:
-            if self.folder is None:
-                raise ConfigError(
-                    "raw images and captions need an autoencoder and text encoder: set model.components to a "
-                    "model folder (or model.pretrained to a full one), or train on a `sana cache` folder"
-                )
-            from sana.pretrained import load_components
-
-            parts = load_components(
-                self.folder, dtype=self.dtype, device=self.device, parts=("vae", "text_encoder")
-            )
-            parts.vae.requires_grad_(False).eval()
-            parts.text_encoder.model.requires_grad_(False).eval()
-            self._parts = (parts.vae, parts.text_encoder)
-        return self._parts
-
-
-# ------------------------------------------------------------------------------------------------- data
-
-
-def resolve_null_text(cfg: TrainConfig, loader: Any, encoders: Encoders) -> TextEmbeddings | None:
-    """The empty-prompt embedding for caption dropout: the data source's own, a cache's null_text file, or
-    computed by the text encoder. None when no caption dropout is configured."""
-    if cfg.flow.caption_dropout == 0:
-        return None
-    own = getattr(loader, "null_text", None)
-    if own is not None:
-        return own
-    if cfg.data is not None:
-        from sana.data import detect_kind, load_null_text
-
-        kind = detect_kind(cfg.data.path) if cfg.data.kind == "auto" else cfg.data.kind
-        if kind == "cache":
-            return load_null_text(cfg.data.path)
-    _, text_encoder = encoders()
-    return text_encoder.encode_unconditional([""])
 
 
 # ------------------------------------------------------------------------------------------- validation

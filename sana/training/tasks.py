@@ -6,6 +6,7 @@
     dit            the Sana DiT, flow matching on latents + caption embeddings               (dit_task)
     dcae           a DC-AE autoencoder, reconstruction (+ optional perceptual and adversarial terms)   (dcae_task)
     text_encoder   a small Gemma-2 decoder as a causal language model on captions, and its tokenizer (text_task)
+    controlnet     a ControlNet for a frozen DiT, flow matching with control images            (controlnet_task)
 
 A new task is one module plus one registry line. The module defines two attributes: `CONFIG`, its run-config
 dataclass (a `sana.training.config.RunConfig` subclass whose `task` field defaults to the registry name, so a
@@ -39,6 +40,7 @@ TASKS: dict[str, str] = {
     "dit": "sana.training.dit_task",
     "dcae": "sana.training.dcae_task",
     "text_encoder": "sana.training.text_task",
+    "controlnet": "sana.training.controlnet_task",
 }
 DEFAULT_TASK = "dit"  # the task of a run YAML without a `task:` key
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)

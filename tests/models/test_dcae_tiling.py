@@ -13,11 +13,22 @@ import pytest
 import torch
 from torch import nn
 
-from sana.generation import AUTO_TILE_ABOVE_PX, vae_tile_for
+from sana.generation import vae_tile_for
 from sana.models.dcae import DCAE, DCAE_PRESETS
-from sana.models.dcae_tiling import DEFAULT_TILE, receptive_radius, tile_bounds, tiled_decode, tiled_local
+from sana.models.dcae_tiling import (
+    DEFAULT_TILE,
+    TILE_CHOICES,
+    map_width,
+    receptive_radius,
+    tile_bounds,
+    tiled_decode,
+    tiled_decode_bytes,
+    tiled_local,
+    untiled_decode_bytes,
+)
 from sana.models.dit import SanaDiT
 from sana.pipeline import SanaPipeline
+from sana.placement import Placement
 from sana.tiny import tiny_components
 
 TINY = DCAE_PRESETS["tiny"]
@@ -184,13 +195,46 @@ def test_tiled_decode_rejects_non_4d_latents():
 # ------------------------------------------------------------------------------------------------ pipeline
 
 
-def test_auto_rule_tiles_only_above_2048_px():
-    assert AUTO_TILE_ABOVE_PX == 2048
-    assert vae_tile_for("auto", 2048, 2048) is None
-    assert vae_tile_for("auto", 1024, 2080) == DEFAULT_TILE and vae_tile_for("auto", 4096, 4096) == DEFAULT_TILE
-    assert vae_tile_for(None, 4096, 4096) is None and vae_tile_for(7, 64, 64) == 7
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def real_vae():
+    with torch.device("meta"):  # the estimates read the structure only: no weights needed
+        return DCAE(REAL)
+
+
+def test_auto_decodes_in_one_pass_when_it_fits_and_tiles_when_not(real_vae):
+    """The decision for the published f32c32 config, given the memory free (headroom)."""
+    one_pass = untiled_decode_bytes(REAL, 1, 1024, 1024)
+    assert 2.4 * GIB < one_pass < 4 * GIB  # measured 2.38 GiB above the model; the estimate must not be below
+    assert vae_tile_for("auto", real_vae, 1, 1024, 1024, 6 * GIB) is None  # fits: one pass
+    assert vae_tile_for("auto", real_vae, 1, 1024, 1024, one_pass - 1) == DEFAULT_TILE
+    assert vae_tile_for("auto", real_vae, 1, 2048, 2048, 6 * GIB) == DEFAULT_TILE  # the CPU default's share
+    assert vae_tile_for("auto", real_vae, 1, 2048, 2048, 16 * GIB) is None  # a big machine decodes it whole
+    assert vae_tile_for("auto", real_vae, 2, 1024, 1024, 6 * GIB) == DEFAULT_TILE  # a batch of two does not fit
+    # less room: smaller tiles, down to the smallest when nothing fits
+    smaller = vae_tile_for("auto", real_vae, 1, 4096, 4096, 3 * GIB)
+    assert smaller in TILE_CHOICES and smaller < DEFAULT_TILE
+    assert tiled_decode_bytes(real_vae.decoder, REAL, 1, 4096, 4096, smaller) <= 3 * GIB
+    assert vae_tile_for("auto", real_vae, 1, 4096, 4096, 1) == TILE_CHOICES[-1]
+    # explicit choices are kept whatever the memory; unknown memory falls back to the side rule
+    assert vae_tile_for(None, real_vae, 1, 4096, 4096, 1) is None and vae_tile_for(7, real_vae, 1, 64, 64, 1) == 7
+    assert vae_tile_for("auto", real_vae, 1, 2048, 2048, None) is None
+    assert vae_tile_for("auto", real_vae, 1, 1024, 2080, None) == DEFAULT_TILE
     with pytest.raises(ValueError, match="tile must be a positive int"):
-        vae_tile_for("big", 64, 64)
+        vae_tile_for("big", real_vae, 1, 64, 64, None)
+
+
+def test_estimates_grow_with_the_image_and_tiles_bound_them(real_vae):
+    sides = [512, 1024, 2048, 4096]
+    untiled = [untiled_decode_bytes(REAL, 1, s, s) for s in sides]
+    tiled = [tiled_decode_bytes(real_vae.decoder, REAL, 1, s, s, DEFAULT_TILE) for s in sides]
+    assert untiled == sorted(untiled) and tiled == sorted(tiled)
+    assert untiled[-1] / untiled[0] == 64  # proportional to the pixels
+    assert tiled[-1] < untiled[-1] / 10  # 4096^2: the tile, not the image, sets the peak
+    assert map_width(REAL) == 128  # stage 0: 128 channels at full resolution
+    assert map_width(dataclasses.replace(TINY, decoder_layers_per_block=(0, 1, 2))) == 16  # the head's width
 
 
 @pytest.fixture(scope="module")
@@ -199,20 +243,20 @@ def pipe():
     return SanaPipeline(parts.transformer, parts.vae, parts.text_encoder, parts.scheduler)
 
 
-def test_pipeline_tiles_large_requests_and_matches_untiled(pipe, monkeypatch):
-    import sana.generation
-
+def test_pipeline_tiles_when_memory_is_short_and_matches_untiled(pipe, monkeypatch):
     calls = []
     decode = pipe.vae.decode
     monkeypatch.setattr(pipe.vae, "decode", lambda z, tile=None: (calls.append(tile), decode(z, tile=tile))[1])
     kw = dict(seed=0, steps=2, height=96, width=160, output_type="pt", use_resolution_binning=False)
     untiled = pipe("a red cat", vae_tile=None, **kw)
-    monkeypatch.setattr(sana.generation, "AUTO_TILE_ABOVE_PX", 128)  # make 96x160 a "large" request
-    monkeypatch.setattr(sana.generation, "DEFAULT_TILE", 8)  # latents: 24x40 -> 3 x 5 tiles
-    auto = pipe("a red cat", **kw)
+    roomy = pipe("a red cat", **kw)  # what the machine has free: a tiny decode fits
+    tiny = pipe.vae.config
+    monkeypatch.setattr(Placement, "headroom", lambda self: untiled_decode_bytes(tiny, 1, 96, 160) - 1)
+    short = pipe("a red cat", **kw)
     explicit = pipe("a red cat", vae_tile=5, **kw)
-    assert calls == [None, 8, 5]
-    for out in (auto, explicit):
+    assert calls == [None, None, DEFAULT_TILE, 5]
+    assert torch.equal(roomy, untiled)
+    for out in (short, explicit):
         assert out.shape == untiled.shape == (1, 3, 96, 160)
         assert (out - untiled).abs().mean() < 1e-5
 
@@ -234,6 +278,7 @@ def test_4k_request_end_to_end_at_toy_width(monkeypatch):
     )
     pipe = SanaPipeline(SanaDiT(dit).eval(), vae, parts.text_encoder, parts.scheduler)
     assert pipe.default_size == 4096
+    monkeypatch.setattr(Placement, "headroom", lambda self: 2**30)  # a 4096^2 one-pass estimate needs more
     calls = []
     decode = vae.decode
     spy = lambda z, tile=None: (calls.append((tuple(z.shape), tile)), decode(z, tile))[1]
