@@ -300,9 +300,9 @@ def image_inputs(
         raise UserError(f"strength must be a number in (0, 1], got {strength!r}")
     if image is None:
         if mask_image is not None:
-            raise UserError("a mask needs an image to repaint: pass the image too (--image)")
+            raise UserError("a mask needs an image to repaint: pass image= too")
         if strength != 1:
-            raise UserError(f"strength {strength} needs an input image (img2img): pass one (--image)")
+            raise UserError(f"strength {strength} needs an input image to start from: pass image=")
         return {}
     if isinstance(mask_image, list | tuple):  # a None entry repaints its image everywhere (a server batch)
         full = torch.ones(1, 1, settings.height, settings.width)

@@ -16,7 +16,7 @@ from sana.cli.options import add_sampler_option
 from sana.errors import UserError
 
 EXAMPLE = (
-    "examples:\n  sana eval shapes --n-per-category 50 --seed 3000 --out out/eval\n"
+    "example:\n  sana eval shapes --n-per-category 50 --seed 3000 --out out/eval\n"
     "  sana eval shapes --control --n-scenes 100 --seed 1000 --out out/eval-control"
 )
 OUT_OF_MEMORY = "try a smaller --batch-size, --dtype bf16, or a smaller --height / --width"

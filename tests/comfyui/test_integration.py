@@ -258,3 +258,54 @@ def test_interrupt_stops_sampling(server):
     entry = server.wait(prompt_id, timeout=120)
     kinds = [kind for kind, _ in entry["status"]["messages"]]
     assert "execution_interrupted" in kinds, kinds
+
+
+MEMORY_SCRIPT = """
+import importlib.util, os, sys
+import torch
+import comfy.options
+
+comfy.options.enable_args_parsing()  # read --cpu as ComfyUI's main.py does
+sys.argv = [sys.argv[0], "--cpu"]
+import comfy.model_management as mm  # noqa: E402
+
+pack_dir, model_dir = os.environ["SANA_PACK"], os.environ["SANA_MODEL"]
+
+spec = importlib.util.spec_from_file_location("sana_pack", pack_dir + "/__init__.py",
+                                              submodule_search_locations=[pack_dir])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["sana_pack"] = pack
+spec.loader.exec_module(pack)
+nodes = pack.NODE_CLASS_MAPPINGS
+with torch.inference_mode():
+    model = nodes["SanaModelLoader"]().load(model_dir)[0]
+    patchers = model.patchers
+    assert set(patchers) == {"transformer", "vae", "text_encoder"}, patchers
+    cond = nodes["SanaTextEncode"]().encode(model, "a cat")[0]
+    assert patchers["text_encoder"] in mm.loaded_models()
+    latent = nodes["SanaEmptyLatent"]().generate(64, 64, 1, model=model)[0]
+    out = nodes["SanaSampler"]().sample(model, cond, cond, latent, 0, 2, 4.5, "flow_euler", 1.0)[0]
+    assert patchers["transformer"] in mm.loaded_models()
+    mm.unload_all_models()  # what "Unload Models" and another model's need do
+    assert not any(p in mm.loaded_models() for p in patchers.values())
+    nodes["SanaVAEDecode"]().decode(model, out)  # the next use loads it again
+    assert patchers["vae"] in mm.loaded_models()
+print("registered, unloaded, reloaded")
+"""
+
+
+def test_models_are_registered_with_comfyui_memory_manager(tmp_path):
+    """With ComfyUI's own model_management and ModelPatcher (imported from COMFYUI_DIR in its Python)."""
+    from tests.comfyui.support import tiny_folder
+
+    folder = tiny_folder(tmp_path / "tiny")
+    result = subprocess.run(
+        [COMFYUI_PYTHON, "-c", MEMORY_SCRIPT],
+        cwd=COMFYUI_DIR,
+        env={**os.environ, "SANA_PACK": str(PACK), "SANA_MODEL": str(folder)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "registered, unloaded, reloaded" in result.stdout

@@ -153,12 +153,10 @@ def test_img2img_workflow_from_a_loaded_image(classes, tmp_path, shipped_pipe):
 def test_lora_workflow_with_and_without_the_lora(comfy, classes, shipped_pipe):
     """One graph, two samplers on the loader's output: through SanaLoraLoader it is `sana generate --lora`,
     directly it is the plain model's picture, whichever runs first."""
-    lora = random_lora(shipped_pipe.transformer, comfy.models_dir / "loras" / "tmp", seed=1)
-    shutil.move(lora, comfy.models_dir / "loras" / "sana_example_lora.safetensors")
+    file = comfy.models_dir / "loras" / "sana_example_lora.safetensors"
+    shutil.move(random_lora(shipped_pipe.transformer, comfy.models_dir / "loras" / "tmp", seed=1, std=1.0), file)
     nodes, _ = run_workflow(load_workflow("lora"), classes)
-    record = merge_lora(
-        shipped_pipe.transformer, read_lora(comfy.models_dir / "loras" / "sana_example_lora.safetensors")
-    )
+    record = merge_lora(shipped_pipe.transformer, read_lora(file))
     try:
         ref = shipped_pipe(PROMPT, seed=[0], sampler="dpm")[0]
     finally:
