@@ -142,9 +142,12 @@ class ModelFacts:
     sampler: str  # the model folder's defaults (sampling.json, scheduler config)
     steps: int
     guidance_scale: float
+    controlnet: bool = False  # a ControlNet can steer the DiT (a call may pass a control image)
 
     @classmethod
-    def of(cls, transformer: SanaDiT, vae: DCAE, scheduler: Any) -> ModelFacts:
+    def of(
+        cls, transformer: SanaDiT, vae: DCAE, scheduler: Any, controlnet: SanaControlNet | None = None
+    ) -> ModelFacts:
         cfg = transformer.config
         f = vae.config.spatial_compression
         return cls(
@@ -156,6 +159,7 @@ class ModelFacts:
             scheduler.sampler,
             scheduler.steps,
             scheduler.guidance_scale,
+            controlnet is not None,
         )
 
 
@@ -182,6 +186,9 @@ class Plan:
     image: torch.Tensor | None = field(default=None, compare=False, repr=False)  # (n, 3, H, W) in [-1, 1]
     mask: torch.Tensor | None = field(default=None, compare=False, repr=False)  # (n, 1, H, W), 1 = repaint
     notes: tuple[str, ...] = ()
+    # ControlNet (see `control_inputs`): every image's control image fitted to the sampled size, and the scale.
+    control: torch.Tensor | None = field(default=None, compare=False, repr=False)  # (n, 3, h, w) in [-1, 1]
+    control_scale: float = 1.0
 
     @property
     def n(self) -> int:
@@ -194,6 +201,8 @@ class Plan:
         conditioning = (
             {} if self.image is None else {"strength": self.strength, "inpainting": self.mask is not None}
         )
+        if self.control is not None:
+            conditioning["control_scale"] = self.control_scale
         return [
             {
                 "prompt": self.prompts[i // s.images_per_prompt],
@@ -232,9 +241,12 @@ def plan_request(
     image: ImageSource | Sequence[ImageSource] | None = None,
     strength: float = 1.0,
     mask_image: ImageSource | Sequence[ImageSource] | None = None,
+    control_image: ImageSource | Sequence[ImageSource] | None = None,
+    control_scale: float = 1.0,
 ) -> Plan:
     """Validate a call's arguments into a Plan; None takes the model's default. Raises UserError, never starts
-    model work. image, strength, mask_image: see `image_inputs`."""
+    model work. image, strength, mask_image: see `image_inputs`; control_image, control_scale: see
+    `control_inputs`."""
     prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
     negatives = (negative_prompt,) * len(prompts) if isinstance(negative_prompt, str) else tuple(negative_prompt)
     if not prompts or len(negatives) != len(prompts):
@@ -264,6 +276,8 @@ def plan_request(
         if len(seed) != n:
             raise UserError(f"got {len(seed)} seeds for {n} images")
     inputs = image_inputs(image, strength, mask_image, len(prompts), images_per_prompt, settings)
+    control = control_inputs(control_image, control_scale, model, len(prompts), images_per_prompt, (h, w))
+    notes = inputs.pop("notes", ()) + control.pop("notes", ())
     return Plan(
         settings=settings,
         prompts=prompts,
@@ -273,7 +287,9 @@ def plan_request(
         latent_shape=(model.latent_channels, h // f, w // f),
         cfg=uses_guidance(settings.guidance_scale) and not model.guidance_embeds,
         tile=tile,
+        notes=notes,
         **inputs,
+        **control,
     )
 
 
@@ -321,6 +337,42 @@ def image_inputs(
         if fitted.resized:
             notes.append(fitted.note(what))
     return {"strength": float(strength), "image": per_image[0], "mask": per_image[1], "notes": tuple(notes)}
+
+
+def control_inputs(
+    control_image: ImageSource | Sequence[ImageSource] | None,
+    control_scale: float,
+    model: ModelFacts,
+    prompts: int,
+    images_per_prompt: int,
+    sample_size: tuple[int, int],
+) -> dict[str, Any]:
+    """The ControlNet fields of a Plan: `control_image` (one, or one per prompt: a path, image bytes, a PIL
+    image or a tensor in [-1, 1]) read and fitted to the sampled size (the aspect-ratio bucket, which the
+    ControlNet sees), one row per image, and `control_scale` (a finite number). Nothing without a control image
+    (the scale is then unused). One-line UserErrors for a model without a ControlNet, an unreadable image, a
+    count that is neither 1 nor one per prompt, or a scale that is not a finite number."""
+    if control_image is None:
+        return {}
+    if not model.controlnet:
+        raise UserError(
+            "a control image needs a ControlNet: load one with controlnet=PATH (sana generate --controlnet), "
+            "or use a model folder that has a controlnet/"
+        )
+    if (
+        not isinstance(control_scale, int | float)
+        or isinstance(control_scale, bool)
+        or not math.isfinite(control_scale)
+    ):
+        raise UserError(f"control scale must be a finite number, got {control_scale!r}")
+    fitted = image_tensor(control_image, *sample_size, what="control image")
+    rows = fitted.tensor  # (k, 3, h, w)
+    if rows.shape[0] not in (1, prompts):
+        raise UserError(f"got {rows.shape[0]} control images for {prompts} prompts: give 1 or 1 per prompt")
+    # One per prompt, repeated for its images (prompt-major, as the conditioning is); one for all, repeated.
+    control = rows.repeat_interleave(prompts * images_per_prompt // rows.shape[0], dim=0)  # (n, 3, h, w)
+    note = fitted.note("control image")
+    return {"control": control, "control_scale": float(control_scale), "notes": (note,) if note else ()}
 
 
 # ---------------------------------------------------------------------------------------- noise and times
@@ -446,6 +498,7 @@ __all__ = [
     "Plan",
     "check_settings",
     "check_vae_tile",
+    "control_inputs",
     "controlled_model",
     "decode_latents",
     "dit_model",

@@ -17,7 +17,6 @@ What may run at the same time on one instance (a server shares one):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import replace
@@ -42,7 +41,7 @@ from sana.generation import (
     sprint_guidance,
     start_latents,
 )
-from sana.image_input import ImageSource, image_tensor
+from sana.image_input import ImageSource
 from sana.images import to_pil
 from sana.inpainting import composite, hold_kept_region, latent_keep
 from sana.lora import MergedLoRA
@@ -101,7 +100,7 @@ class SanaPipeline:
         self.controlnet = controlnet
         if controlnet is not None:
             placement.place("transformer", controlnet)
-        self.facts = ModelFacts.of(transformer, vae, self.scheduler)
+        self.facts = ModelFacts.of(transformer, vae, self.scheduler, controlnet)
 
     @classmethod
     def from_pretrained(
@@ -185,8 +184,8 @@ class SanaPipeline:
     # ------------------------------------------------------------------------------------------- steps
 
     def plan(self, prompt: str | Sequence[str], **settings) -> Plan:
-        """Validate a call's arguments (those of `__call__` from negative_prompt to vae_tile) against this
-        model: one-line UserErrors, no model work."""
+        """Validate a call's arguments (those of `__call__` but latents, callback, progress and output_type)
+        against this model: one-line UserErrors, no model work; input and control images are read and fitted."""
         return plan_request(self.facts, prompt, **settings)
 
     def encode(self, plan: Plan) -> tuple[Conditioning, Conditioning | None]:
@@ -204,33 +203,6 @@ class SanaPipeline:
             return Conditioning(text.to(self.device, self.dtype).repeat(per_prompt), guidance=guidance)
 
         return place(cond), None if uncond is None else place(uncond)
-
-    def control_pixels(
-        self, control_image: ImageSource | Sequence[ImageSource] | None, control_scale: float, plan: Plan
-    ) -> torch.Tensor | None:
-        """The control image(s) read and fitted to the sampled size, one (3, h, w) row in [-1, 1] per image of
-        the plan; None without a control image. One-line UserErrors (no ControlNet, an unreadable image, a count
-        that is neither 1 nor one per prompt, a scale that is not a finite number), no model work."""
-        if control_image is None:
-            return None
-        if self.controlnet is None:
-            raise UserError(
-                "a control image needs a ControlNet: load one with controlnet=PATH (sana generate --controlnet), "
-                "or use a model folder that has a controlnet/"
-            )
-        if (
-            not isinstance(control_scale, int | float)
-            or isinstance(control_scale, bool)
-            or not math.isfinite(control_scale)
-        ):
-            raise UserError(f"control scale must be a finite number, got {control_scale!r}")
-        pixels = image_tensor(control_image, *plan.sample_size, what="control image").tensor  # (k, 3, h, w)
-        prompts = len(plan.prompts)
-        if pixels.shape[0] not in (1, prompts):
-            raise UserError(f"got {pixels.shape[0]} control images for {prompts} prompts: give 1 or 1 per prompt")
-        # One per prompt, repeated for its images (prompt-major, as the conditioning is); one for all, repeated.
-        per_image = plan.n // pixels.shape[0]
-        return pixels.repeat_interleave(per_image, dim=0)  # (n, 3, h, w)
 
     def encode_control(self, pixels: torch.Tensor, plan: Plan) -> torch.Tensor:
         """(n, C, h, w) the control images' DC-AE latents (scaled as the DiT's latents are), on the compute
@@ -273,10 +245,11 @@ class SanaPipeline:
         (as diffusers), a list gives one seed per image. latents: explicit starting noise (B, C, h, w),
         overriding seed. output_type "pil" returns images carrying their parameters; "pt" returns the decoded
         (B, 3, H, W) tensor in [-1, 1]; "latent" the final latents. vae_tile: decode in tiles of this many
-        latents (same image, memory bounded by the tile); "auto" tiles images with a side above 2048 px,
-        None never tiles. control_image: steers the image with the pipeline's ControlNet (one image, or one per
-        prompt: a path, PIL image or (B, 3, H, W) tensor in [-1, 1]), fitted to the sampled size; its outputs
-        are multiplied by control_scale (0: the ControlNet adds nothing).
+        latents (same image, memory bounded by the tile); "auto" decodes in one pass when that fits the memory
+        free (see `sana.generation.vae_tile_for`), else in tiles; None never tiles. control_image: steers the
+        image with the pipeline's ControlNet (one image, or one per prompt: a path, PIL image or (B, 3, H, W)
+        tensor in [-1, 1]), fitted to the sampled size; its outputs are multiplied by control_scale (0: the
+        ControlNet adds nothing).
         image, strength (img2img): start from this image (a path, PIL image, bytes or (B, 3, H, W) tensor in
         [-1, 1]; one, or one per prompt), fitted to height x width: the last ceil(strength x steps) steps run
         from its latent noised to their first time. mask_image (inpainting, with image): white repaints,
@@ -285,11 +258,11 @@ class SanaPipeline:
         """
         if output_type not in OUTPUT_TYPES:
             raise UserError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        plan = self.plan(prompt, **settings)
+        plan = self.plan(prompt, control_image=control_image, control_scale=control_scale, **settings)
         if latents is not None and tuple(latents.shape) != (plan.n, *plan.latent_shape):
             raise UserError(f"latents must have shape {(plan.n, *plan.latent_shape)}, got {tuple(latents.shape)}")
         s = plan.settings
-        control = self.control_pixels(control_image, control_scale, plan)  # user errors before model work
+        control = plan.control
 
         cond, uncond = self.encode(plan)
         model = dit_model(self.transformer, self.device, self.dtype)
@@ -297,7 +270,7 @@ class SanaPipeline:
             latent = self.encode_control(control, plan)
             cond = replace(cond, control=latent)
             uncond = None if uncond is None else replace(uncond, control=latent)
-            model = controlled_model(model, self.controlnet, float(control_scale), self.device, self.dtype)
+            model = controlled_model(model, self.controlnet, plan.control_scale, self.device, self.dtype)
         velocity = guided_velocity(
             model, cond, uncond, scale=s.guidance_scale, pag_scale=s.pag_scale, pag_layers=s.pag_layers
         )

@@ -158,7 +158,7 @@ def _pin(t: torch.Tensor) -> torch.Tensor:
     pinning is not possible (no CUDA driver, a tensor type without pin_memory)."""
     try:
         return t.detach().pin_memory()
-    except (RuntimeError, NotImplementedError, AttributeError):
+    except Exception:  # best effort: an unpinned copy is only slower to send
         return t
 
 

@@ -105,6 +105,8 @@ def _problem(mode: str, device: torch.device, dtype: torch.dtype) -> str | None:
             return "torchao's int4 weight-only kernels (tinygemm, mslk) run on CUDA only"
         if dtype != torch.bfloat16:
             return "torchao's int4 kernel (tinygemm) computes in bfloat16: use dtype bf16"
+        if torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] < 8:
+            return "torchao's int4 kernel (tinygemm) needs a GPU of compute capability 8.0 or newer"
         return None
     if device.type not in ("cpu", "cuda"):
         return f"torchao's int8 kernels run on cpu and cuda, not {device.type}"
@@ -143,8 +145,11 @@ def _config(mode: str, device: torch.device, group: int | None = None):
         )
     if mode == "int8":
         return q.Int8WeightOnlyConfig(set_inductor_config=False)
+    from torchao.quantization.quantize_.workflows import Int4PackingFormat
+
+    # tinygemm's layout: the int4 kernel that ships with torch (the default "plain" one needs the mslk package).
     return q.Int4WeightOnlyConfig(
-        group_size=group, int4_packing_format="tile_packed_to_4d", set_inductor_config=False
+        group_size=group, int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D, set_inductor_config=False
     )
 
 
@@ -284,19 +289,17 @@ def stream_quantized(
 
     names = list(model.state_dict())
     prefix_of = {id(m): f"{n}." for n, m in model.named_modules()}
-    done: set[str] = set()
-    for unit in [*block_units(model), model]:
+    filled: set[str] = set()
+    quantized: set[str] = set()
+    for unit in [*block_units(model), model]:  # the model itself last: what no block holds
         prefix = "" if unit is model else prefix_of[id(unit)]
         for name in names:
-            if name.startswith(prefix) and name not in done:
+            if name.startswith(prefix) and name not in filled:
                 _assign(model, name, read(name))
-                done.add(name)
-        layers = [m for n, m in targets.items() if unit is model or f"{n}.".startswith(prefix)]
-        _quantize_layers(unit, [m for m in layers if quantization_of(m) is None], mode, device)
-        for m in layers:
-            _mark(m, mode)
-    for m in targets.values():
-        del m._sana_quantization
+                filled.add(name)
+        layers = [n for n in targets if f"{n}.".startswith(prefix) and n not in quantized]
+        _quantize_layers(unit, [targets[n] for n in layers], mode, device)
+        quantized.update(layers)
     _mark(model, mode)
     return model.eval().requires_grad_(False)
 
@@ -564,8 +567,8 @@ _PLAIN_WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.i
 
 
 def write_quantized_folder(
-    source: Path,
-    out: Path,
+    source: str | Path,
+    out: str | Path,
     *,
     transformer: str | None,
     text_encoder: str | None,
@@ -575,7 +578,7 @@ def write_quantized_folder(
 ) -> Path:
     """A copy of the model folder `source` at `out` with the DiT and/or the text encoder quantized. Written
     into a temporary sibling folder and renamed at the end: `out` appears complete or not at all."""
-    device = torch.device(device)
+    source, out, device = Path(source), Path(out), torch.device(device)
     if not transformer and not text_encoder:
         raise UserError("nothing to quantize: give a DiT mode, a text encoder mode, or both")
     stored = read_quantization(source)

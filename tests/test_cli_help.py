@@ -218,9 +218,9 @@ def test_out_of_memory_is_a_one_line_runtime_failure(tmp_path, capsys, monkeypat
     monkeypatch.setattr(SanaPipeline, "from_pretrained", _out_of_memory)
     assert run("generate", "a cat", "--device", "cuda", "-o", tmp_path / "x.png", "--quiet") == 1
     message = one_line_error(capsys.readouterr().err, "generate")
-    assert (
-        message
-        == "out of memory on cuda: try --low-memory, a smaller --batch-size, or a smaller --height / --width"
+    assert message == (
+        "out of memory on cuda: try --offload model (or sequential), --quantize int8, --low-memory, a smaller "
+        "--batch-size, or a smaller --height / --width (see docs/low-memory.md)"
     )
     assert run("eval", "shapes", "--device", "cuda:1") == 1
     assert one_line_error(capsys.readouterr().err, "eval").startswith("out of memory on cuda:1: try a smaller")
@@ -232,7 +232,7 @@ def test_out_of_memory_at_serve_start_is_one_line(capsys, monkeypatch):
 
     monkeypatch.setattr(SanaPipeline, "from_pretrained", _out_of_memory)
     assert run("serve", "--device", "cuda") == 1
-    assert one_line_error(capsys.readouterr().err, "serve").startswith("out of memory on cuda: try --low-memory")
+    assert one_line_error(capsys.readouterr().err, "serve").startswith("out of memory on cuda: try --offload model")
 
 
 def test_out_of_memory_shows_its_traceback_with_sana_debug(tmp_path, monkeypatch):

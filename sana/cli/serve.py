@@ -1,6 +1,6 @@
 """`sana serve`: an OpenAI-compatible HTTP image API (FastAPI on uvicorn) over one loaded model.
 
-The model (and any LoRA) is chosen here, at start; nothing a request sends reaches the file system. Once the
+The model (and any LoRA or ControlNet) is chosen here, at start; nothing a request sends reaches the file system. Once the
 model is loaded and the socket listens, one line goes to stdout: `sana serve: http://HOST:PORT (model NAME)`.
 SIGTERM or Ctrl-C: uvicorn stops accepting connections and lets the open ones finish, then the engine drains
 its queue; a second Ctrl-C exits at once. See docs/serving.md.
@@ -42,6 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--lora", help="LoRA weights to merge at start: a pytorch_lora_weights.safetensors or its folder"
     )
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA (0: none, 1: as trained)")
+    p.add_argument(
+        "--controlnet",
+        help="a Sana ControlNet folder or Hub id to steer the model with, for requests that send a control_image "
+        "(a model folder with a controlnet/ brings its own)",
+    )
     p.add_argument("--max-batch", type=int, default=8, help="most images in one pipeline call")
     p.add_argument("--max-queue", type=int, default=64, help="most images waiting; beyond it requests get a 429")
     p.add_argument(
@@ -111,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
         from sana.lora import lora_file
 
         lora_file(args.lora)  # a missing file fails before the model loads
+    if args.controlnet:
+        from sana.pretrained import controlnet_dir
+
+        controlnet_dir(args.controlnet)  # a folder that is no ControlNet fails before the model loads
 
     import logging
 
@@ -132,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         instruction=choose_instruction(args.no_chi, args.chi_file),
+        controlnet=args.controlnet,
         **{**memory, "quantize": None if args.lora else memory["quantize"]},  # with a LoRA: after the merge
     )
     if args.lora:

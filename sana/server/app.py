@@ -11,9 +11,11 @@ Routes (see docs/serving.md):
     GET  /health                   200 {"status": "ok"} once the model is loaded (never needs the key)
     GET  /v1/models                the served model, OpenAI's list shape
     POST /v1/images/generations    OpenAI's image generation; waits for the images. A client that goes away
-                                   cancels its job.
-    POST /v1/images/edits          OpenAI's image edit (multipart: image, optional mask, the generation fields
-                                   and `strength`): img2img, or inpainting with a mask; waits as above
+                                   cancels its job. With a ControlNet served, `control_image` (base64) and
+                                   `control_scale` steer it.
+    POST /v1/images/edits          OpenAI's image edit (multipart: image, optional mask and control_image, the
+                                   generation fields and `strength`): img2img, or inpainting with a mask;
+                                   waits as above
     POST /v1/jobs                  the same body; 202 with the job's id and URLs, at once
     GET  /v1/jobs/{id}             the job's state (and image URLs once done)
     GET  /v1/jobs/{id}/events      Server-Sent Events: queued (position), running, progress, done | error |
@@ -56,13 +58,16 @@ from starlette.formparsers import FormParser, MultiPartException, MultiPartParse
 from sana.errors import UserError, one_line
 from sana.server.engine import BatchKey, Engine, ImageSpec, Job, QueueFull, ShuttingDown
 from sana.server.schemas import (
+    ImageRequest,
     Limits,
     ModelDefaults,
     RequestError,
     Resolved,
+    decode_base64_image,
     parse_body,
     parse_form,
     resolve,
+    resolve_control_scale,
     resolve_strength,
 )
 
@@ -75,7 +80,9 @@ STATIC_DIR = Path(__file__).parent / "static"
 OPEN_PATHS = ("/health", "/v1/config", "/")  # no API key needed; nor for anything under /static/
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_UPLOAD_BYTES = 16 << 20  # an edit's body: its image and mask files
+GENERATIONS_PATH = "/v1/images/generations"
 EDITS_PATH = "/v1/images/edits"
+JOBS_PATH = "/v1/jobs"
 DISCONNECT_POLL_SECONDS = 0.25
 KEEPALIVE_SECONDS = 15.0
 
@@ -180,8 +187,9 @@ def create_app(
     torch_threads: int | None = None,
 ) -> FastAPI:
     """The app serving `pipe` as `model_name`. max_images is capped by max_queue (a job never splits across
-    the queue). max_upload_bytes: the body limit of an image edit (its files), max_body_bytes that of every
-    other request. drain_timeout: seconds the shutdown waits for queued and running work (None: all of it).
+    the queue). max_upload_bytes: the body limit of a request carrying images (an edit's files; with a
+    ControlNet, a generation's or job's base64 control image too), max_body_bytes that of every other request
+    (never less). drain_timeout: seconds the shutdown waits for queued and running work (None: all of it).
     torch_threads: the engine worker's torch threads (sana.server.engine.cpu_threads_for_worker)."""
     from sana.samplers import SAMPLERS
 
@@ -278,61 +286,71 @@ def create_app(
 
     # ---------------------------------------------------------------------------- gate and access log
 
-    app.add_middleware(
-        Gate, key=key, max_body_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes, metrics=metrics
-    )
+    # A server with a ControlNet takes control images inside JSON bodies (base64): those routes may take bodies
+    # as large as an edit's.
+    controlled = pipe.controlnet is not None
+    json_limit = max(max_body_bytes, max_upload_bytes) if controlled else max_body_bytes
+    limits_by_path = {EDITS_PATH: max_upload_bytes, GENERATIONS_PATH: json_limit, JOBS_PATH: json_limit}
+    app.add_middleware(Gate, key=key, max_body_bytes=max_body_bytes, path_limits=limits_by_path, metrics=metrics)
 
     # ---------------------------------------------------------------------------------------- helpers
 
-    async def read_request(request: Request) -> Resolved:
-        data = await read_json(request, max_body_bytes)
+    def plan(work: Resolved, edit: EditInput | None, control: ControlInput | None) -> None:
+        """The engine's pipeline call for this request, checked without model work (UserError): the images
+        are read and fitted, so call it off the event loop."""
+        pipe.plan(
+            [work.prompt] * work.n,
+            negative_prompt=work.negative_prompt,
+            seed=list(work.seeds),
+            **batch_key(work, edit, control).settings(),
+            images_per_prompt=1,
+            **({} if edit is None else {"image": edit.image, "mask_image": edit.mask}),
+            **({} if control is None else {"control_image": control.image}),
+        )
+
+    async def read_request(request: Request) -> tuple[Resolved, ControlInput | None]:
+        """A generation's JSON body, resolved, its control image (if any) decoded, and planned."""
+        data = await read_json(request, json_limit)
         try:
-            work = resolve(parse_body(data), defaults, limits)
-            pipe.plan(  # the engine's call, checked without model work
-                [work.prompt] * work.n,
-                negative_prompt=work.negative_prompt,
-                seed=list(work.seeds),
-                **batch_key(work).settings(),
-                images_per_prompt=1,
-            )
+            fields = parse_body(data)
+            work = resolve(fields, defaults, limits)
+            control = None
+            if fields.control_image is not None or fields.control_scale is not None:
+                control = await asyncio.to_thread(read_json_control, fields, controlled)
+            if control is None:
+                plan(work, None, None)  # text only: quick, on the loop
+            else:
+                await asyncio.to_thread(plan, work, None, control)
         except RequestError as e:
             raise ApiError(e.status, e.message, param=e.param, kind="validation") from None
         except UserError as e:
             raise ApiError(400, str(e), kind="validation") from None
-        return work
+        return work, control
 
-    async def read_edit(request: Request) -> tuple[Resolved, EditInput]:
-        """An edit's form, checked as a generation's body is, its image and mask decoded and planned (off the
-        event loop: decoding and fitting an image takes a while)."""
+    async def read_edit(request: Request) -> tuple[Resolved, EditInput, ControlInput | None]:
+        """An edit's form, checked as a generation's body is, its image, mask and control image decoded and
+        planned (off the event loop: decoding and fitting an image takes a while)."""
         form = await read_form(request, max_upload_bytes)
         try:
             files, fields = split_form(form)
             request_fields = parse_form(fields)
             work = resolve(request_fields, defaults, limits)
             edit = await asyncio.to_thread(read_edit_images, files, request_fields)
-            key = batch_key(work, edit)
-            await asyncio.to_thread(
-                pipe.plan,  # the engine's call, checked without model work
-                [work.prompt] * work.n,
-                negative_prompt=work.negative_prompt,
-                seed=list(work.seeds),
-                **key.settings(),
-                images_per_prompt=1,
-                image=edit.image,
-                mask_image=edit.mask,
-            )
+            control = await asyncio.to_thread(read_form_control, files, request_fields, controlled)
+            await asyncio.to_thread(plan, work, edit, control)
         except RequestError as e:
             raise ApiError(e.status, e.message, param=e.param, kind="validation") from None
         except UserError as e:
             raise ApiError(400, str(e), kind="validation") from None
         finally:
             await form.close()
-        return work, edit
+        return work, edit, control
 
-    def submit(work: Resolved, edit: EditInput | None = None) -> Job:
-        key = batch_key(work, edit)
+    def submit(work: Resolved, edit: EditInput | None = None, control: ControlInput | None = None) -> Job:
+        key = batch_key(work, edit, control)
         image, mask = (edit.image, edit.mask) if edit else (None, None)
-        specs = [ImageSpec(work.prompt, work.negative_prompt, seed, image, mask) for seed in work.seeds]
+        steer = control.image if control else None
+        specs = [ImageSpec(work.prompt, work.negative_prompt, seed, image, mask, steer) for seed in work.seeds]
         try:
             return engine.submit(key, specs, work.output_format)
         except QueueFull as e:
@@ -412,17 +430,18 @@ def create_app(
                 "max_images": limits.max_images,
             },
             "auth": key is not None,
+            "controlnet": controlled,
         }
 
-    @app.post("/v1/images/generations")
+    @app.post(GENERATIONS_PATH)
     async def generations(request: Request) -> Response:
-        work = await read_request(request)
-        return await images_answer(request, work, submit(work))
+        work, control = await read_request(request)
+        return await images_answer(request, work, submit(work, control=control))
 
     @app.post(EDITS_PATH)
     async def edits(request: Request) -> Response:
-        work, edit = await read_edit(request)
-        return await images_answer(request, work, submit(work, edit))
+        work, edit, control = await read_edit(request)
+        return await images_answer(request, work, submit(work, edit, control))
 
     async def images_answer(request: Request, work: Resolved, job: Job) -> Response:
         """OpenAI's answer to a synchronous image request, once its job is done."""
@@ -458,9 +477,10 @@ def create_app(
             engine.release(job)  # the images are in the response: nobody can ask for them again
         return JSONResponse({"created": int(time.time()), "data": data})
 
-    @app.post("/v1/jobs", status_code=202)
+    @app.post(JOBS_PATH, status_code=202)
     async def create_job(request: Request) -> JSONResponse:
-        job = submit(await read_request(request))
+        work, control = await read_request(request)
+        job = submit(work, control=control)
         return JSONResponse(job_state(request, job), status_code=202)
 
     @app.get("/v1/jobs/{job_id}", name="job")
@@ -579,15 +599,24 @@ class EditInput:
     strength: float
 
 
-def batch_key(work: Resolved, edit: EditInput | None = None) -> BatchKey:
-    """What a request's images share with others in a batch."""
+@dataclass(frozen=True)
+class ControlInput:
+    """A request's decoded control image and its ControlNet scale."""
+
+    image: Image.Image
+    scale: float
+
+
+def batch_key(work: Resolved, edit: EditInput | None = None, control: ControlInput | None = None) -> BatchKey:
+    """What a request's images share with others in a batch. Each image brings its own input and control image;
+    the strength and the control scale are one number per pipeline call."""
     shared = (work.height, work.width, work.steps, work.sampler, work.guidance_scale, work.pag_scale)
-    if edit is None:
-        return BatchKey(*shared)
-    return BatchKey(*shared, strength=edit.strength, edit=True)
+    image = {} if edit is None else {"strength": edit.strength, "edit": True}
+    steer = {} if control is None else {"control_scale": control.scale, "control": True}
+    return BatchKey(*shared, **image, **steer)
 
 
-FILE_FIELDS = ("image", "image[]", "mask")
+FILE_FIELDS = ("image", "image[]", "mask", "control_image")
 
 
 def split_form(form) -> tuple[dict[str, list[UploadFile]], dict[str, str]]:
@@ -635,6 +664,46 @@ def read_edit_images(files: dict[str, list[UploadFile]], request: Any) -> EditIn
     return EditInput(image, mask, resolve_strength(request, mask is not None))
 
 
+def read_control(data: bytes | None, request: ImageRequest, controlled: bool) -> ControlInput | None:
+    """A control image's file bytes decoded, with the request's control scale (None without a control image);
+    RequestErrors naming the field for a server without a ControlNet, an image that cannot be decoded, or a
+    scale without an image."""
+    from sana.image_input import open_image
+
+    if data is not None and not controlled:
+        raise RequestError(
+            "control_image: this server has no ControlNet (start it with `sana serve --controlnet PATH`, or "
+            "serve a model folder that has a controlnet/)",
+            "control_image",
+        )
+    scale = resolve_control_scale(request, data is not None)
+    if data is None:
+        return None
+    try:
+        image = open_image(data, "control image")
+    except UserError as e:
+        raise RequestError(str(e), "control_image") from None
+    return ControlInput(image, scale)
+
+
+def read_json_control(request: ImageRequest, controlled: bool) -> ControlInput | None:
+    """The control image of a JSON body (base64 or a data: URL), see read_control."""
+    text = request.control_image
+    data = None if text is None else decode_base64_image(text, "control_image")
+    return read_control(data, request, controlled)
+
+
+def read_form_control(
+    files: dict[str, list[UploadFile]], request: ImageRequest, controlled: bool
+) -> ControlInput | None:
+    """The control image file of an edit's form, see read_control."""
+    uploads = files.get("control_image", [])
+    if len(uploads) > 1:
+        raise RequestError("control_image: send one file; this server uses one control image per request",
+                           "control_image")  # fmt: skip
+    return read_control(uploads[0].file.read() if uploads else None, request, controlled)
+
+
 async def read_form(request: Request, limit: int):
     """The request's form, read up to `limit` bytes (413 beyond, whatever Content-Length said): multipart, or
     URL-encoded (which cannot carry the image: the edit's check then says so, naming the field)."""
@@ -665,7 +734,8 @@ async def read_form(request: Request, limit: int):
 
 
 class Gate:
-    """Pure ASGI middleware: the API key, the Content-Length limit, the access log and the latency metrics.
+    """Pure ASGI middleware: the API key, the Content-Length limit (path_limits[path], else max_body_bytes), the
+    access log and the latency metrics.
 
     With a key, every path but /health, /v1/config, / and /static/... needs `Authorization: Bearer KEY`
     (compared in constant time). The access log line, one per request on logger "sana.server.access":
@@ -673,10 +743,10 @@ class Gate:
     """
 
     def __init__(
-        self, app, *, key: bytes | None, max_body_bytes: int, max_upload_bytes: int, metrics: Metrics
+        self, app, *, key: bytes | None, max_body_bytes: int, path_limits: dict[str, int], metrics: Metrics
     ) -> None:
         self.app, self.key, self.max_body_bytes, self.metrics = app, key, max_body_bytes, metrics
-        self.max_upload_bytes = max_upload_bytes
+        self.path_limits = path_limits
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -734,7 +804,7 @@ class Gate:
                     headers={"WWW-Authenticate": "Bearer"},
                 )
         length = headers.get(b"content-length")
-        limit = self.max_upload_bytes if path == EDITS_PATH else self.max_body_bytes
+        limit = self.path_limits.get(path, self.max_body_bytes)
         if length is not None:
             try:
                 size = int(length)

@@ -7,10 +7,11 @@
     engine.image(job.image_names[0])       # (encoded bytes, media type)
     engine.stop(drain=True)
 
-A job is a list of images that share one `BatchKey` (size, steps, sampler, guidance use, and for image edits
-the strength). Image i of a request uses seed `seed + i` as `sana generate` does; the caller builds the
-`ImageSpec`s, the engine runs them as given. An edit's specs carry its input image and mask (decoded PIL
-images); edits of different requests batch together when their keys agree, each image with its own input.
+A job is a list of images that share one `BatchKey` (size, steps, sampler, guidance use, for image edits
+the strength, and with a control image the ControlNet's scale). Image i of a request uses seed `seed + i` as
+`sana generate` does; the caller builds the `ImageSpec`s, the engine runs them as given. An edit's specs carry
+its input image and mask, a controlled one's its control image (decoded PIL images); requests batch together
+when their keys agree, each image with its own input and control image (the pipeline takes one per prompt).
 
 Batching. One worker thread runs one pipeline call at a time (the model is compute-bound). It takes the oldest
 queued job and fills the batch, up to `max_batch` images, with the following queued jobs of the same key, in
@@ -81,6 +82,7 @@ class ImageSpec:
     seed: int
     image: Image.Image | None = field(default=None, compare=False, repr=False)  # an edit's input
     mask: Image.Image | None = field(default=None, compare=False, repr=False)  # None: repaint everywhere
+    control: Image.Image | None = field(default=None, compare=False, repr=False)  # the ControlNet's input
 
 
 @dataclass(frozen=True)
@@ -95,12 +97,14 @@ class BatchKey:
     pag_scale: float
     strength: float = 1.0
     edit: bool = False  # the images start from their specs' input images (img2img, inpainting)
+    control_scale: float = 1.0
+    control: bool = False  # a ControlNet steers the images with their specs' control images
 
     def settings(self) -> dict[str, Any]:
-        """The keyword arguments of the pipeline call these images share (`edit` is not one: the images
-        themselves travel in the specs)."""
+        """The keyword arguments of the pipeline call these images share (`edit` and `control` are not: the
+        images themselves travel in the specs)."""
         settings = dataclasses.asdict(self)
-        del settings["edit"]
+        del settings["edit"], settings["control"]
         return settings
 
 
@@ -524,7 +528,7 @@ class Engine:
                 negative_prompt=[spec.negative_prompt for spec in specs],
                 seed=[spec.seed for spec in specs],
                 **key.settings(),
-                **edit_inputs(key, specs),
+                **image_inputs(key, specs),
                 images_per_prompt=1,
                 callback=callback,
             )
@@ -542,14 +546,17 @@ class Engine:
         return images
 
 
-def edit_inputs(key: BatchKey, specs: Sequence[ImageSpec]) -> dict[str, Any]:
-    """The pipeline's image and mask_image arguments for a batch of images (one entry per image; a mask of
-    None repaints that image everywhere), or nothing for text to image."""
-    if not key.edit:
-        return {}
-    inputs: dict[str, Any] = {"image": [spec.image for spec in specs]}
-    if any(spec.mask is not None for spec in specs):
-        inputs["mask_image"] = [spec.mask for spec in specs]
+def image_inputs(key: BatchKey, specs: Sequence[ImageSpec]) -> dict[str, Any]:
+    """The pipeline's image, mask_image and control_image arguments for a batch of images (one entry per image,
+    each image being its own prompt; a mask of None repaints that image everywhere); nothing for plain text to
+    image."""
+    inputs: dict[str, Any] = {}
+    if key.edit:
+        inputs["image"] = [spec.image for spec in specs]
+        if any(spec.mask is not None for spec in specs):
+            inputs["mask_image"] = [spec.mask for spec in specs]
+    if key.control:
+        inputs["control_image"] = [spec.control for spec in specs]
     return inputs
 
 

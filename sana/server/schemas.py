@@ -2,13 +2,14 @@
 
 `POST /v1/images/generations` and `POST /v1/jobs` take the same JSON object: OpenAI's image fields (`prompt`,
 `n`, `size`, `response_format`, `output_format`, `model`) and this server's extensions (`negative_prompt`,
-`num_inference_steps`, `guidance_scale`, `seed`, `sampler`, `pag_scale`). Types are strict (a JSON number
+`num_inference_steps`, `guidance_scale`, `seed`, `sampler`, `pag_scale`, and for a server with a ControlNet
+`control_image`, base64 image data or a data: URL, and `control_scale`). Types are strict (a JSON number
 is not a string, `true` is not 1), numbers must be finite, and `null` means "the default" for every field
 but `prompt`.
 
-`POST /v1/images/edits` takes the same fields, plus `strength`, as multipart form fields beside the `image`
-and `mask` files (`parse_form`): a form field is text, so numbers and booleans are read from their text
-("2", "0.5", "true") and an empty field means the default.
+`POST /v1/images/edits` takes the same fields, plus `strength`, as multipart form fields beside the `image`,
+`mask` and `control_image` files (`parse_form`): a form field is text, so numbers and booleans are read from
+their text ("2", "0.5", "true") and an empty field means the default.
 
 Fields OpenAI defines that this server does not implement (`quality`, `style`, `user`, `background`,
 `moderation`, `output_compression`, `partial_images`) are accepted and ignored, so existing OpenAI clients work
@@ -21,6 +22,8 @@ model work. Nothing here touches the file system.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import random
 import re
 from dataclasses import dataclass
@@ -66,6 +69,8 @@ class ImageRequest(BaseModel):
     seed: int | None = None
     sampler: str | None = None
     pag_scale: float | None = Field(default=None, allow_inf_nan=False)
+    control_image: str | None = None  # base64 image data or a data: URL (an edit sends a file instead)
+    control_scale: float | None = Field(default=None, allow_inf_nan=False)
 
 
 class EditRequest(ImageRequest):
@@ -83,6 +88,7 @@ _FORM_TYPES = {
     "guidance_scale": "float",
     "pag_scale": "float",
     "strength": "float",
+    "control_scale": "float",
     "stream": "bool",
 }
 _INT = re.compile(r"[+-]?\d{1,20}")
@@ -180,6 +186,35 @@ def resolve_strength(request: EditRequest, has_mask: bool) -> float:
     if not 0 < request.strength <= 1:
         raise RequestError(f"strength must be in (0, 1], got {request.strength}", "strength")
     return float(request.strength)
+
+
+def resolve_control_scale(request: ImageRequest, has_control_image: bool) -> float:
+    """The ControlNet's scale: as given (any finite number; 0 adds nothing), 1 by default. A scale without a
+    control image is a mistake (it would silently steer nothing)."""
+    if request.control_scale is not None and not has_control_image:
+        raise RequestError("control_scale needs a control_image to steer with", "control_scale")
+    return 1.0 if request.control_scale is None else float(request.control_scale)
+
+
+_DATA_URL = re.compile(r"data:([^,]*),(.*)", re.DOTALL)
+
+
+def decode_base64_image(text: str, name: str) -> bytes:
+    """The file bytes in a JSON image field: base64 (line breaks allowed) or a `data:` URL with base64 data.
+    RequestError naming the field when it is neither; whether the bytes are an image is the decoder's check."""
+    match = _DATA_URL.fullmatch(text.strip())
+    if match:
+        if not match[1].lower().endswith(";base64"):
+            raise RequestError(f"{name}: a data: URL must carry base64 data (data:image/png;base64,...)", name)
+        text = match[2]
+    data = "".join(text.split())
+    if not data:
+        raise RequestError(f"{name} is empty: send a base64 PNG or JPEG file, or a data: URL", name)
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"{name} is not base64 data: send a base64 PNG or JPEG file, or a data: URL",
+                           name) from None  # fmt: skip
 
 
 def resolve(request: ImageRequest, model: ModelDefaults, limits: Limits) -> Resolved:

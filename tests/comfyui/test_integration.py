@@ -167,6 +167,7 @@ def generate(tmp_path: Path, *args: str) -> np.ndarray:
 def same_picture(ours: np.ndarray, ref: np.ndarray) -> None:
     assert ours.shape == ref.shape
     diff = np.abs(ours.astype(np.int16) - ref.astype(np.int16))
+    print(f"{ours.shape[1]}x{ours.shape[0]}: max diff {diff.max()}, within 2 levels {(diff <= 2).mean():.4%}")
     assert (diff <= 2).mean() >= 0.999, f"max diff {diff.max()}, share > 2: {(diff > 2).mean():.4%}"
 
 
