@@ -142,6 +142,20 @@ def test_pipeline_quantized_at_load_generates_close_images(folder, reference):
         pipe.load_lora("unused.safetensors")
 
 
+def test_quantizing_while_reading_equals_quantizing_the_loaded_model(folder):
+    """The streaming loader (block by block) builds the same weights as quantizing a fully loaded DiT, which is
+    what `sana generate --lora ... --quantize` does after the merge."""
+    streamed = SanaPipeline.from_pretrained(folder, quantize="w8a8")
+    after = SanaPipeline.from_pretrained(folder)
+    quantization.quantize_pipeline_transformer(after, "w8a8")
+    a, b = streamed.transformer.state_dict(), after.transformer.state_dict()
+    assert a.keys() == b.keys()
+    plain = lambda t: t.dequantize() if hasattr(t, "qdata") else t
+    for key in a:
+        assert type(a[key]) is type(b[key]) and torch.equal(plain(a[key]), plain(b[key])), key
+    assert torch.equal(streamed("a red cat", **KW), after("a red cat", **KW))
+
+
 # --------------------------------------------------------------------------------------- what cannot run
 
 

@@ -135,3 +135,5 @@ def test_the_shipped_controlnet_is_small_loads_in_diffusers_and_follows_the_edge
     report = evaluate_control(pipeline_drawer(pipe, steps=10), n_scenes=8, seed=4000, batch_size=8)
     with_control, without = report.rows["with control"], report.rows["without control"]
     assert with_control["mean_iou"] > 0.7 and with_control["mean_iou"] > without["mean_iou"] + 0.3
+    assert report.rows["colours changed"]["colour"] > 0.8  # the caption's colour, in the edges' place
+    assert report.rows["colours changed"]["mean_iou"] > 0.7
