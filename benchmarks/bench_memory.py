@@ -119,6 +119,7 @@ OFFLOAD_MODES = [
     Mode("int4 + offload sequential", "bf16", "int4", "int4", offload="sequential", cuda_only=True),
 ]
 CPU_MODES = [m for m in MODES.values() if not m.cuda_only]
+CATEGORIES = ("single", "sized", "relation", "counting")  # the shapes benchmark's, in its tables' order
 PROMPT = "a red fox sitting in the snow at sunset, detailed photo"
 
 
@@ -491,7 +492,7 @@ def section_shapes(results: dict) -> None:
     if model is None:
         save_result("shapes", {"skipped": "this build ships no model"})
         return
-    specs = make_prompts(4, 1000, ("single", "sized", "relation", "counting"))  # 16 prompts
+    specs = make_prompts(4, 1000, CATEGORIES)  # 16 prompts
     prompts, seeds = [s.text for s in specs], [1000 + i for i in range(len(specs))]
     images = {}
     for mode in (None, "int8", "w8a8"):
@@ -760,7 +761,7 @@ def report(results: dict) -> str:
         if not r:
             continue
         s, e = r["seconds"], r["relative_error"]
-        for name in s:
+        for name in (variant_name(*v) for v in VARIANTS):  # the results file sorts its keys
             lines.append(
                 f"| {model} | {name} | {s[name]:.2f} | {s[name] / s['fp32']:.2f} | {s[name] / s['bf16']:.2f} | "
                 f"{e[name]:.1e} |"
@@ -788,7 +789,7 @@ def report(results: dict) -> str:
             delta = 100 * (r["overall"] - shapes["fp32"]["overall"])
             lines.append(
                 f"| {m} | "
-                + " | ".join(f"{100 * acc[c]:.0f} %" for c in acc)
+                + " | ".join(f"{100 * acc[c]:.0f} %" for c in CATEGORIES)
                 + f" | **{100 * r['overall']:.1f} %** | "
                 f"{delta:+.1f} | {diffs} |"
             )

@@ -4,7 +4,7 @@
     run_dir: runs/my-controlnet
     max_steps: 5000
     model:
-      base: path/to/model          # a model folder (its transformer/ is the frozen base) or a transformer folder
+      base: path/to/model          # a model folder or Hub id (its transformer/ is the frozen base)
       num_layers: 7                 # the ControlNet copies the base's first num_layers blocks
     data: {path: data/edges-cache, ...}   # samples with control images (below)
     flow: {shift: 3.0, caption_dropout: 0.1}
@@ -51,7 +51,7 @@ from sana.training.encoders import Encoders, resolve_null_text
 from sana.training.step import FlowBatch, flow_forward, make_flow_batch, prepare_batch, step_generator
 from sana.training.task import LossOutput, Run, Task, publish_folder, temporary_folder, trained_weights
 from sana.types import Conditioning, TextEmbeddings
-from sana.weights import CONFIG_NAME, load_model, parse_dtype, save_model, write_json
+from sana.weights import CONFIG_NAME, CheckpointError, load_model, parse_dtype, save_model, write_json
 
 # ------------------------------------------------------------------------------------------------- config
 
@@ -60,7 +60,8 @@ from sana.weights import CONFIG_NAME, load_model, parse_dtype, save_model, write
 class ControlModelConfig:
     """The frozen base and the ControlNet to train.
 
-    base: a model folder in the diffusers layout (its `transformer/` is the base) or a transformer folder.
+    base: a model folder in the diffusers layout or its Hub id (its `transformer/` is the base), or a transformer
+    folder.
     num_layers: the ControlNet's blocks, copied from the base's first ones (1 to the base's blocks - 1).
     controlnet: an existing ControlNet folder (or a pipeline folder holding `controlnet/`) to train on instead
     of a fresh copy; its num_layers is its own. components: a model folder whose autoencoder and text encoder
@@ -98,17 +99,25 @@ class ControlNetTrainConfig(RunConfig):
 # ------------------------------------------------------------------------------------------------- model
 
 
-def transformer_folder(base: str) -> Path:
-    """The base's transformer folder: `base/transformer` for a model folder, else `base` itself."""
-    folder = Path(base)
-    if not folder.exists():
-        raise UserError(f"model.base: no such folder: {base}")
-    return folder / "transformer" if (folder / "transformer").is_dir() else folder
+def base_folder(base: str) -> Path:
+    """model.base as a local folder: the folder itself, or a Hub id's snapshot (sana.pretrained.resolve_model_dir);
+    a one-line CheckpointError naming model.base when it is neither."""
+    from sana.pretrained import resolve_model_dir
+
+    try:
+        return resolve_model_dir(base)
+    except CheckpointError as e:
+        raise CheckpointError(f"model.base: {e}") from None
 
 
-def load_base(cfg: ControlNetTrainConfig) -> SanaDiT:
+def transformer_folder(root: Path) -> Path:
+    """The base's transformer folder: `root/transformer` for a model folder, else `root` itself."""
+    return root / "transformer" if (root / "transformer").is_dir() else root
+
+
+def load_base(cfg: ControlNetTrainConfig, root: Path) -> SanaDiT:
     """The frozen base DiT in float32 on the CPU (the ControlNet is copied from it before it is cast)."""
-    base = load_model(SanaDiT, transformer_folder(cfg.model.base))
+    base = load_model(SanaDiT, transformer_folder(root))
     base.requires_grad_(False)
     base.gradient_checkpointing = cfg.model.gradient_checkpointing
     return base.eval()
@@ -129,12 +138,11 @@ def build_controlnet(cfg: ControlNetTrainConfig, base: SanaDiT) -> SanaControlNe
     return net.requires_grad_(True)
 
 
-def components_folder(cfg: ControlNetTrainConfig) -> Path | None:
-    """The model folder holding the autoencoder and text encoder, if the run names one."""
+def components_folder(cfg: ControlNetTrainConfig, root: Path) -> Path | None:
+    """The model folder holding the autoencoder and text encoder, if the run names one (`root`: the base's)."""
     if cfg.model.components:
         return Path(cfg.model.components)
-    base = Path(cfg.model.base)
-    return base if (base / "model_index.json").is_file() else None
+    return root if (root / "model_index.json").is_file() else None
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -202,7 +210,7 @@ def steered_base(base: SanaDiT, controlnet: nn.Module, control: torch.Tensor) ->
 # ------------------------------------------------------------------------------------------------ export
 
 
-def export_controlnet(run: Run) -> Path | None:
+def export_controlnet(run: Run, root: Path) -> Path | None:
     """Write RUN/final (module docstring); every rank calls it (gathering sharded weights is a collective)."""
     cfg: ControlNetTrainConfig = run.cfg
     weights = trained_weights(run.core, run.ema, cfg.checkpoint.export_ema)
@@ -214,10 +222,9 @@ def export_controlnet(run: Run) -> Path | None:
     final = Path(cfg.run_dir) / "final"
     tmp = temporary_folder(final)
     save_model(net, tmp / "controlnet", dtype=parse_dtype(cfg.model.export_dtype))
-    base = Path(cfg.model.base)
-    whole = (base / "model_index.json").is_file()
+    whole = (root / "model_index.json").is_file()
     if whole:
-        link_base(base, tmp)
+        link_base(root, tmp)
     publish_folder(tmp, final)
     run.logger.info(f"ControlNet -> {final / 'controlnet'}" + ("" if whole else " (the base is no model folder)"))
     return final
@@ -250,11 +257,12 @@ class ControlNetTask(Task):
 
     def __init__(self, cfg: ControlNetTrainConfig, ctx: DistContext, resume: Path | None = None) -> None:
         super().__init__(cfg, ctx, resume)
+        self.root = base_folder(cfg.model.base)  # a missing base fails first, before the data is read
         missing = (
             "raw images and control images need an autoencoder and text encoder: set model.base to a model folder "
             "(or model.components to one), or train on a `sana cache` folder"
         )
-        self.encoders = Encoders(components_folder(cfg), ctx.device, cfg.model.encoders_dtype, missing)
+        self.encoders = Encoders(components_folder(cfg, self.root), ctx.device, cfg.model.encoders_dtype, missing)
         self.base: SanaDiT | None = None
         self.null_text: TextEmbeddings | None = None
 
@@ -266,9 +274,9 @@ class ControlNetTask(Task):
 
     def build_model(self) -> SanaControlNet:
         if self.cfg.model.num_layers is not None:  # a depth the base cannot take fails before any weight loads
-            folder = transformer_folder(self.cfg.model.base)
+            folder = transformer_folder(self.root)
             ControlNetConfig.from_dit(read_config(DiTConfig, folder / CONFIG_NAME), self.cfg.model.num_layers)
-        base = load_base(self.cfg)
+        base = load_base(self.cfg, self.root)
         net = build_controlnet(self.cfg, base)  # copied from the float32 base before it is cast
         self.base = base.to(self.ctx.device, parse_dtype(self.cfg.model.base_dtype))
         return net
@@ -299,7 +307,7 @@ class ControlNetTask(Task):
         return flow_forward(steered, micro_batch.flow, self.base.config.timestep_scale, dtype), {}
 
     def export(self, run: Run) -> dict[str, Path | None]:
-        return {"final_model": export_controlnet(run)}
+        return {"final_model": export_controlnet(run, self.root)}
 
 
 CONFIG = ControlNetTrainConfig  # the registry's names for this module's pieces (sana/training/tasks.py)

@@ -193,6 +193,13 @@ def test_the_export_is_a_controlnet_pipeline_folder_diffusers_loads(base, tmp_pa
         name = "diffusion_pytorch_model.safetensors"
         assert (final / part / name).read_bytes() == (base / part / name).read_bytes()
 
+    # model.controlnet goes on training an existing ControlNet (here this export, through its pipeline folder).
+    again = config(base, tmp_path / "again", max_steps=1, optim={"lr": 1e-12}, model={"num_layers": None,
+                   "controlnet": str(final)})  # fmt: skip
+    after = load_file(str(train(train_config_from_dict(again), data=data()).final_model / "controlnet" / name))
+    assert after.keys() == ours.keys()
+    assert all(torch.allclose(after[k].float(), ours[k].float(), atol=1e-3) for k in ours)
+
 
 def test_control_images_from_a_manifest_and_from_sana_cache_control_edges(base, tmp_path):
     """Raw (image, caption, control image) rows train with the encoders on the fly; `sana cache --control edges`
@@ -254,7 +261,7 @@ def test_bad_configs_fail_in_one_line_before_training(base, tmp_path):
     assert "num_layers" in _one_line(e) and "1 to 1 blocks, got 2" in str(e.value)
     with pytest.raises(UserError) as e:
         train(train_config_from_dict(config(base, tmp_path, model={"base": str(tmp_path / "nope")})), data=data())
-    assert "model.base: no such folder" in _one_line(e)
+    assert "model.base: no such model folder" in _one_line(e)
     with pytest.raises(ConfigError) as e:
         train_config_from_dict({**config(base, tmp_path), "lora": {"enabled": True}})
     assert "belongs to task dit" in _one_line(e)
