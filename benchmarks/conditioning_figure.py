@@ -18,8 +18,7 @@ from PIL import Image, ImageDraw
 
 from sana.data.control import edges
 from sana.pipeline import SanaPipeline
-from sana.pretrained import shipped_model
-from sana.shapes.evaluate_control import shipped_controlnet
+from sana.pretrained import shipped_controlnet, shipped_model
 
 ROOT = Path(__file__).resolve().parents[1]
 START = "a red circle above a blue square"
@@ -31,7 +30,8 @@ def panels() -> list[tuple[str, Image.Image]]:
     varied = pipe("a yellow circle above a blue square", image=start, strength=0.6, seed=1)[0]
     mask = Image.new("L", start.size, 0)
     mask.paste(255, (0, 0, start.width, start.height // 2))  # repaint the top half
-    repainted = pipe("a green triangle above a blue square on a black background", image=start, mask_image=mask, seed=2)[0]
+    inpaint = "a green triangle above a blue square on a black background"
+    repainted = pipe(inpaint, image=start, mask_image=mask, seed=2)[0]
     edge_map = Image.fromarray(edges(np.asarray(start.convert("RGB"))))
     controlled = pipe("a purple circle above an orange square", control_image=edge_map, seed=3)[0]
     return [

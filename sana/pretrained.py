@@ -192,11 +192,18 @@ def write_instruction(folder: str | Path, instruction: str | None) -> None:
 
 # Where the package's own small model lives once it is trained and shipped (see the README).
 SHIPPED_MODEL_DIR = Path(__file__).parent / "assets" / "shapes-model"
+# The shipped model's edge ControlNet (trained by configs/train/shapes_controlnet.yaml, docs/shapes.md).
+SHIPPED_CONTROLNET_DIR = Path(__file__).parent / "assets" / "shapes-controlnet"
 
 
 def shipped_model() -> Path | None:
     """The model folder shipped inside the package, or None if this build has none."""
     return SHIPPED_MODEL_DIR if (SHIPPED_MODEL_DIR / "model_index.json").is_file() else None
+
+
+def shipped_controlnet() -> Path | None:
+    """The edge ControlNet shipped for the shipped model, or None if this build has none."""
+    return SHIPPED_CONTROLNET_DIR if (SHIPPED_CONTROLNET_DIR / CONFIG_NAME).is_file() else None
 
 
 def default_model() -> Path:

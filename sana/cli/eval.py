@@ -128,13 +128,8 @@ def run_control(args: argparse.Namespace) -> int:
     if not math.isfinite(args.control_scale):
         raise UserError(f"--control-scale must be a finite number, got {args.control_scale}")
     from sana.pipeline import SanaPipeline
-    from sana.pretrained import choose_instruction, default_model
-    from sana.shapes.evaluate_control import (
-        autoencoder_drawer,
-        evaluate_control,
-        pipeline_drawer,
-        shipped_controlnet,
-    )
+    from sana.pretrained import choose_instruction, default_model, shipped_controlnet
+    from sana.shapes.evaluate_control import autoencoder_drawer, evaluate_control, pipeline_drawer
 
     controlnet = args.controlnet or shipped_controlnet()
     if controlnet is None:

@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--controlnet",
         help="a Sana ControlNet folder or Hub id to steer the model with (a model folder with a controlnet/ "
-        "brings its own); needs --control-image",
+        "brings its own; without --model, the shipped model's edge ControlNet); needs --control-image",
     )
     p.add_argument(
         "--control-image",
@@ -148,7 +148,7 @@ def check_control(args: argparse.Namespace):
 
     from sana.config import read_json
     from sana.image_input import open_image
-    from sana.pretrained import controlnet_dir, default_model, resolve_model_dir
+    from sana.pretrained import controlnet_dir, default_model, resolve_model_dir, shipped_controlnet
 
     if not math.isfinite(args.control_scale):
         raise UserError(f"--control-scale must be a finite number, got {args.control_scale}")
@@ -157,6 +157,8 @@ def check_control(args: argparse.Namespace):
             raise UserError("--controlnet steers nothing without --control-image")
         return None
     image = open_image(args.control_image, "control image")
+    if args.controlnet is None and args.model is None and shipped_controlnet() is not None:
+        args.controlnet = str(shipped_controlnet())  # the shipped model comes with its edge ControlNet
     if args.controlnet:
         controlnet_dir(args.controlnet)  # a folder that is no ControlNet fails now, not after loading the model
     elif "controlnet" not in read_json(resolve_model_dir(args.model or default_model()) / "model_index.json"):

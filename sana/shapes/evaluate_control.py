@@ -33,19 +33,12 @@ from sana.errors import UserError, user_path
 from sana.shapes.analyzer import analyze
 from sana.shapes.world import COLOURS, Scene, captions, render, scene_for_index
 
-SHIPPED_CONTROLNET = Path(__file__).resolve().parents[1] / "assets" / "shapes-controlnet"
 IOU_PASS = 0.5  # an object is drawn in place when its box overlaps the scene's with at least this IoU
 GOAL = {"mean_iou": 0.8, "all_placed": 0.9}  # the issue's target with control
 
 Box = tuple[int, int, int, int]
 # (captions, control images or None, seeds) -> images; a SanaPipeline wrapped by `pipeline_drawer`
 Draw = Callable[[list[str], list[Image.Image] | None, list[int]], list[Image.Image]]
-
-
-def shipped_controlnet() -> Path | None:
-    """The edge ControlNet shipped inside the package (for the shipped shapes model), or None if this build has
-    none."""
-    return SHIPPED_CONTROLNET if (SHIPPED_CONTROLNET / "config.json").is_file() else None
 
 
 def box_iou(a: Box, b: Box) -> float:

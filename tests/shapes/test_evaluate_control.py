@@ -14,15 +14,8 @@ from PIL import Image
 
 from sana.cli.main import main
 from sana.models.controlnet import SanaControlNet
-from sana.pretrained import SHIPPED_MODEL_DIR, load_components
-from sana.shapes.evaluate_control import (
-    box_iou,
-    edge_map,
-    evaluate_control,
-    match_objects,
-    recoloured,
-    shipped_controlnet,
-)
+from sana.pretrained import SHIPPED_MODEL_DIR, load_components, shipped_controlnet
+from sana.shapes.evaluate_control import box_iou, edge_map, evaluate_control, match_objects, recoloured
 from sana.shapes.world import BACKGROUNDS, captions, render, scene_for_index
 from sana.weights import save_model
 
