@@ -232,7 +232,9 @@ def test_out_of_memory_at_serve_start_is_one_line(capsys, monkeypatch):
 
     monkeypatch.setattr(SanaPipeline, "from_pretrained", _out_of_memory)
     assert run("serve", "--device", "cuda") == 1
-    assert one_line_error(capsys.readouterr().err, "serve").startswith("out of memory on cuda: try --offload model")
+    assert one_line_error(capsys.readouterr().err, "serve").startswith(
+        "out of memory on cuda: try --offload model"
+    )
 
 
 def test_out_of_memory_shows_its_traceback_with_sana_debug(tmp_path, monkeypatch):
