@@ -1,9 +1,9 @@
 """`sana serve`: an OpenAI-compatible HTTP image API (FastAPI on uvicorn) over one loaded model.
 
 The model (and any LoRA or ControlNet) is chosen here, at start; nothing a request sends reaches the file
-system. Once the model is loaded and the socket listens, one line goes to stdout: `sana serve: http://HOST:PORT (model NAME)`.
-SIGTERM or Ctrl-C: uvicorn stops accepting connections and lets the open ones finish, then the engine drains
-its queue; a second Ctrl-C exits at once. See docs/serving.md.
+system. Once the model is loaded and the socket listens, one line goes to stdout:
+`sana serve: http://HOST:PORT (model NAME)`. SIGTERM or Ctrl-C: uvicorn stops accepting connections and lets
+the open ones finish, then the engine drains its queue; a second Ctrl-C exits at once. See docs/serving.md.
 """
 
 from __future__ import annotations
