@@ -717,7 +717,9 @@ def report(results: dict) -> str:
         "",
         "One step with classifier-free guidance, then the decode (one pass or tiles, as the pipeline decides), "
         "each configuration in a fresh process. *Load peak*: the process's anonymous memory while loading "
-        "(sampled; the weight files are memory-mapped and their page cache is left out). *Generation peak*: "
+        "(sampled; the weight files are memory-mapped and their page cache is left out). *After load*: the RSS "
+        "then; weights read in their file's dtype (bf16 here) are the mapped file itself and count only once "
+        "touched, in the generation peak. *Generation peak*: "
         "the RSS high-water mark from the end of loading to the image. *DiT step*: the one forward of that step "
         "(batch 2), in this configuration's own process (the machine is shared: the speed table below compares "
         "modes in one process). The prompt is encoded without the instruction prefix (the tokenizer is a small "

@@ -40,6 +40,7 @@ DiT in float32 would take 19 GB).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import shutil
@@ -300,12 +301,30 @@ def stream_quantized(
         layers = [n for n in targets if f"{n}.".startswith(prefix) and n not in quantized]
         _quantize_layers(unit, [targets[n] for n in layers], mode, device)
         quantized.update(layers)
+        release_freed_memory()
     _mark(model, mode)
     return model.eval().requires_grad_(False)
 
 
+def release_freed_memory() -> None:
+    """Hand the heap memory freed so far back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    Quantizing block by block frees a block's full-precision weights after allocating its int8 ones, and glibc
+    keeps such holes in its heap: loading the 4.8B DiT in w8a8 with Gemma in int8 held 12.0 GB instead of the
+    8.7 GB its weights need until trimmed. Trimming after each block keeps the loading peak down too."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): its allocator returns memory its own way
+        return
+    libc.malloc_trim(0)
+
+
 class _Files:
-    """Read tensors by key from a set of safetensors files, each opened once."""
+    """Read tensors by key from a set of safetensors files, each opened once.
+
+    A tensor read in the file's dtype is a view of the memory-mapped file: the streaming loaders copy every tensor
+    (`.to(dtype, copy=True)`), so once the files close nothing keeps the mapping, and with it the page cache of
+    the full-precision weights that were quantized away, in the process's resident memory."""
 
     def __init__(self, files: list[Path]) -> None:
         from safetensors import safe_open
@@ -346,7 +365,11 @@ def load_dit_quantizing(folder: Path, mode: str, dtype: torch.dtype, device: tor
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     with _Files(files) as f:
         return stream_quantized(
-            model, lambda k: f.get(k).to(dtype).reshape(shapes[k]), dit_targets(model, mode), mode, device
+            model,
+            lambda k: f.get(k).to(dtype, copy=True).reshape(shapes[k]),
+            dit_targets(model, mode),
+            mode,
+            device,
         )
 
 
@@ -364,7 +387,8 @@ def load_gemma_quantizing(folder: Path, mode: str, dtype: torch.dtype, device: t
         missing = sorted(set(model.state_dict()) - set(keys))
         if missing:
             raise CheckpointError(f"{folder}: no weights for {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-        return stream_quantized(model, lambda k: f.get(keys[k]).to(dtype), text_targets(model, mode), mode, device)
+        read = lambda k: f.get(keys[k]).to(dtype, copy=True)
+        return stream_quantized(model, read, text_targets(model, mode), mode, device)
 
 
 # ----------------------------------------------------------------------------------------- quantized files
