@@ -41,7 +41,6 @@ from sana.generation import (
     sprint_guidance,
     start_latents,
 )
-from sana.image_input import ImageSource
 from sana.images import to_pil
 from sana.inpainting import composite, hold_kept_region, latent_keep
 from sana.lora import MergedLoRA
@@ -232,14 +231,13 @@ class SanaPipeline:
         callback: Callback | None = None,
         progress: bool = False,
         output_type: str = "pil",
-        control_image: ImageSource | Sequence[ImageSource] | None = None,
-        control_scale: float = 1.0,
         **settings,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate `images_per_prompt` images for each prompt.
 
         settings (see `sana.generation.plan_request`): negative_prompt, height, width, steps, guidance_scale,
-        sampler, seed, images_per_prompt, use_resolution_binning, pag_scale, pag_layers, vae_tile.
+        sampler, seed, images_per_prompt, use_resolution_binning, pag_scale, pag_layers, vae_tile, and the
+        image inputs image, strength, mask_image, control_image, control_scale.
         steps, guidance_scale, sampler: None takes the model folder's (`self.scheduler`: sampling.json, else
         20 and 4.5, or 2 steps for a Sprint model). seed: one int seeds a single generator for the whole batch
         (as diffusers), a list gives one seed per image. latents: explicit starting noise (B, C, h, w),
@@ -258,7 +256,7 @@ class SanaPipeline:
         """
         if output_type not in OUTPUT_TYPES:
             raise UserError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        plan = self.plan(prompt, control_image=control_image, control_scale=control_scale, **settings)
+        plan = self.plan(prompt, **settings)
         if latents is not None and tuple(latents.shape) != (plan.n, *plan.latent_shape):
             raise UserError(f"latents must have shape {(plan.n, *plan.latent_shape)}, got {tuple(latents.shape)}")
         s = plan.settings
